@@ -1,0 +1,40 @@
+// fusedgpt operator schemas: the one place the `fusedgpt` torch.library namespace is declared.
+// Kernels live in csrc/<family>/<family>.cu and register themselves with TORCH_LIBRARY_IMPL;
+// fake (meta) implementations live in python/fusedgpt/ops/<family>.py.
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FUSEDGPT_CUDA_ARCHS
+#define FUSEDGPT_CUDA_ARCHS unknown
+#endif
+#define FUSEDGPT_STRINGIFY_(...) #__VA_ARGS__
+#define FUSEDGPT_STRINGIFY(...) FUSEDGPT_STRINGIFY_(__VA_ARGS__)
+
+namespace fusedgpt {
+namespace {
+// Which GPU architectures this library was compiled for, e.g. "80,86,89,90_ptx".
+std::string cuda_archs() { return FUSEDGPT_STRINGIFY(FUSEDGPT_CUDA_ARCHS); }
+}  // namespace
+}  // namespace fusedgpt
+
+TORCH_LIBRARY(fusedgpt, m) {
+  m.def("cuda_archs() -> str", &fusedgpt::cuda_archs);
+  // y = LayerNorm(x) over the last dim.
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // s = x + residual; y = LayerNorm(s). Returns (y, s).
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // y = activation(x + bias), activation in {"gelu_tanh", "gelu", "relu"}.
+  m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor");
+  // k_cache[b, positions[b] + t] = k[b, t] (same for v), for every sequence whose block fits the cache.
+  m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
+}
+
+#ifdef FUSEDGPT_PYTHON_MODULE
+// Built by setup.py as the Python module fusedgpt._C: importing it runs the registrations above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

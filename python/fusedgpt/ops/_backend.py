@@ -1,0 +1,85 @@
+"""Backend selection shared by every op family (CONVENTIONS.md, "The op contract").
+
+Order: the explicit `backend=` argument, then the FUSEDGPT_BACKEND environment variable, then the
+automatic choice. Backends: "cuda" (the compiled extension), "triton", "torch" (the reference).
+Automatic: on a GPU, the fastest measured backend for this family on this architecture (MEASURED_ORDER);
+on the CPU, the Triton kernels under TRITON_INTERPRET=1 (how CI exercises them), else the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from fusedgpt._extension import extension_available, extension_unavailable_reason
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# Fastest first, per family and compute capability, from bench/results/<device>.csv. A family or
+# architecture that has no measurement yet uses DEFAULT_ORDER.
+MEASURED_ORDER: dict[str, dict[tuple[int, int], tuple[str, ...]]] = {}
+DEFAULT_ORDER = ("cuda", "triton")
+
+_warned_no_extension = False
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _requested(backend: str | None) -> str:
+    requested = backend if backend is not None else os.environ.get("FUSEDGPT_BACKEND", "auto")
+    if requested not in BACKENDS + ("auto",):
+        source = "backend" if backend is not None else "FUSEDGPT_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {requested!r}")
+    return requested
+
+
+def _unavailable(name: str, device: torch.device, unsupported: dict[str, str]) -> str | None:
+    """Why `name` cannot run on `device` (None when it can)."""
+    if name in unsupported:
+        return unsupported[name]
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device}"
+        if not extension_available():
+            return extension_unavailable_reason()
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_enabled()):
+        return f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    return None
+
+
+def choose_backend(family: str, device: torch.device, backend: str | None = None, *,
+                   unsupported: dict[str, str] | None = None) -> str:
+    """The backend that runs `family` on `device`; raises ValueError when an explicit choice cannot.
+
+    `unsupported` maps a kernel backend to why it cannot serve this particular call (e.g. float64);
+    the automatic choice then skips it, and the reference ("torch") serves every case."""
+    unsupported = unsupported or {}
+    requested = _requested(backend)
+    if requested != "auto":
+        reason = _unavailable(requested, device, unsupported)
+        if reason is not None:
+            raise ValueError(f"fusedgpt.ops.{family}: backend {requested!r} cannot run this call: {reason}")
+        return requested
+    if device.type == "cpu":
+        order = ("triton",) if triton_interpreter_enabled() else ()
+    elif device.type == "cuda":
+        order = MEASURED_ORDER.get(family, {}).get(torch.cuda.get_device_capability(device), DEFAULT_ORDER)
+        _warn_once_without_extension()
+    else:
+        order = ()
+    for name in order:
+        if _unavailable(name, device, unsupported) is None:
+            return name
+    return "torch"
+
+
+def _warn_once_without_extension() -> None:
+    global _warned_no_extension
+    if not _warned_no_extension and not extension_available():
+        warnings.warn(f"fusedgpt: {extension_unavailable_reason()}; the Triton kernels serve CUDA tensors",
+                      stacklevel=4)
+        _warned_no_extension = True

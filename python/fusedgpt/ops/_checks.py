@@ -1,0 +1,67 @@
+"""Argument checks shared by the public ops: each error names the op, the argument, what was expected
+and what was received (TypeError for a wrong type or dtype, ValueError for a wrong value or shape)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(op: str, name: str, value, *, rank: int | None = None, min_rank: int | None = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fusedgpt.ops.{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if rank is not None and value.dim() != rank:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have rank {rank}, got shape {tuple(value.shape)}")
+    if min_rank is not None and value.dim() < min_rank:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have rank >= {min_rank}, got shape {tuple(value.shape)}")
+
+
+def check_float(op: str, name: str, value: torch.Tensor, *, also_float64: bool = True) -> None:
+    """float16/bfloat16/float32 (float64 too for the reference path, which the tests use)."""
+    allowed = FLOAT_DTYPES + ((torch.float64,) if also_float64 else ())
+    if value.dtype not in allowed:
+        raise TypeError(f"fusedgpt.ops.{op}: {name} must be one of {[str(d) for d in allowed]}, got {value.dtype}")
+
+
+def check_like(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor, *,
+               shape: bool = False) -> None:
+    """Same dtype and device as `ref` (and the same shape when `shape`)."""
+    if value.dtype != ref.dtype:
+        raise TypeError(f"fusedgpt.ops.{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must be on the device of {ref_name} ({ref.device}), "
+                         f"got {value.device}")
+    if shape and value.shape != ref.shape:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(value.shape)}")
+
+
+def check_vector(op: str, name: str, value, length: int, ref_name: str, ref: torch.Tensor) -> None:
+    """An optional per-channel parameter: None, or shape [length] with ref's dtype and device."""
+    if value is None:
+        return
+    check_tensor(op, name, value)
+    if value.shape != (length,):
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [{length}] (the last dim of {ref_name}), "
+                         f"got {tuple(value.shape)}")
+    check_like(op, name, value, ref_name, ref)
+
+
+def check_unit_last_stride(op: str, name: str, value: torch.Tensor) -> None:
+    if value.dim() >= 1 and value.stride(-1) != 1 and value.shape[-1] != 1:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have a contiguous last dimension (stride 1), "
+                         f"got strides {value.stride()}")
+
+
+def needs_autograd(*tensors) -> bool:
+    """The kernels are inference-only: calls that must be differentiated take the reference."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def kernel_limits(x: torch.Tensor) -> dict[str, str]:
+    """What the cuda and triton kernels cannot serve for input x (the reference serves everything)."""
+    if x.dtype == torch.float64:
+        reason = "the kernels take float16, bfloat16 or float32, got float64"
+        return {"cuda": reason, "triton": reason}
+    return {}

@@ -1,0 +1,74 @@
+"""bias_act: fused bias + activation, y = act(x + bias), for the MLP of GPT-style blocks.
+
+Contract (CONVENTIONS.md): `bias_act_reference` is the specification; `bias_act` validates, picks a
+backend and runs it. GPU paths: fusedgpt::bias_act (csrc/bias_act/bias_act.cu) and
+fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fusedgpt._extension import extension_available
+from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._checks import (check_float, check_tensor, check_unit_last_stride, check_vector, kernel_limits,
+                                  needs_autograd)
+from fusedgpt.triton_kernels.bias_act import ACTIVATIONS, bias_act_fwd
+
+Tensor = torch.Tensor
+
+
+def bias_act_reference(x: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    """The specification, in float32 (float64 for float64 inputs), returned in x's dtype:
+    gelu_tanh(v) = 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))  (HF's gelu_new / "gelu_pytorch_tanh"),
+    gelu(v) = 0.5 v (1 + erf(v / sqrt(2))), relu(v) = max(v, 0), with v = x + bias."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = x.to(compute)
+    if bias is not None:
+        v = v + bias.to(compute)
+    if activation == "gelu_tanh":
+        y = 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
+    elif activation == "gelu":
+        y = 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
+    else:
+        y = torch.relu(v)
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("fusedgpt::bias_act_triton", mutates_args=())
+def _bias_act_triton(x: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    return bias_act_fwd(x, bias, activation)
+
+
+def _bias_act_fake(x, bias, activation):
+    return x.new_empty(x.shape)
+
+
+_bias_act_triton.register_fake(_bias_act_fake)
+if extension_available():
+    torch.library.register_fake("fusedgpt::bias_act")(_bias_act_fake)
+
+
+def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | None = None) -> Tensor:
+    """y = activation(x + bias).
+
+    x: [..., N], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous.
+    bias: [N] in x's dtype, or None. activation: "gelu_tanh" (GPT-2 / GPT-Neo), "gelu" (erf) or "relu"
+    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Calls that need autograd
+    take the reference."""
+    op = "bias_act"
+    check_tensor(op, "x", x, min_rank=1)
+    check_float(op, "x", x)
+    check_unit_last_stride(op, "x", x)
+    check_vector(op, "bias", bias, x.shape[-1], "x", x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fusedgpt.ops.bias_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    chosen = "torch" if needs_autograd(x, bias) else choose_backend(op, x.device, backend,
+                                                                      unsupported=kernel_limits(x))
+    if chosen == "torch":
+        return bias_act_reference(x, bias, activation)
+    if chosen == "cuda":
+        return torch.ops.fusedgpt.bias_act(x, bias, activation)
+    return _bias_act_triton(x, bias, activation)

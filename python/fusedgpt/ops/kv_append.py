@@ -1,0 +1,124 @@
+"""kv_append: write new keys and values into a static KV cache in place, K and V in one launch.
+
+Contract (CONVENTIONS.md): `kv_append_reference` is the specification; `kv_append` validates, picks a
+backend and runs it. GPU paths: fusedgpt::kv_append (csrc/kv_append/kv_append.cu) and
+fusedgpt::kv_append_triton (triton_kernels/kv_append.py): custom ops that declare the cache mutation
+in their schema (Tensor(a!)) and return nothing.
+
+Out-of-range policy: a sequence b whose block would not fit, positions[b] < 0 or
+positions[b] + T > S_max, is skipped whole on every backend (nothing of it is written, never out of
+bounds). The caller learns of it
+  - at once, as a ValueError, when positions is a CPU tensor (checked on the host, no device sync);
+  - as a ValueError with check=True, which reads device positions back (one device sync: not for a
+    CUDA-graph-captured step);
+  - otherwise not at all from this op: a caller that keeps device positions (a captured decode step)
+    owns the bound, which it knows on the host from its own lengths (the generation loop checks
+    prompt length + new tokens <= S_max before it starts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedgpt._extension import extension_available
+from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._checks import check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits
+from fusedgpt.triton_kernels.kv_append import kv_append_fwd
+
+Tensor = torch.Tensor
+
+
+def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
+    """The specification: for each b with 0 <= positions[b] <= S_max - T and each t < T,
+    k_cache[b, positions[b] + t] = k[b, t] and v_cache[b, positions[b] + t] = v[b, t]; other sequences are
+    left untouched. Written without host reads of positions, so it is sync-free too."""
+    batch, tokens = k.shape[:2]
+    if batch == 0 or tokens == 0:
+        return
+    max_start = k_cache.shape[1] - tokens
+    positions = positions.to(device=k_cache.device, dtype=torch.int64)
+    fits = (positions >= 0) & (positions <= max_start)  # (B,)
+    starts = torch.where(fits, positions, 0)
+    slots = starts[:, None] + torch.arange(tokens, device=k_cache.device)  # (B, T)
+    batch_ids = torch.arange(batch, device=k_cache.device)[:, None].expand(batch, tokens)  # (B, T)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        # A skipped sequence writes its own current contents back: same result as no write, no sync.
+        current = cache[batch_ids, slots]  # (B, T, H, D)
+        cache[batch_ids, slots] = torch.where(fits[:, None, None, None], new.to(cache.dtype), current)
+
+
+@torch.library.custom_op("fusedgpt::kv_append_triton", mutates_args=("k_cache", "v_cache"))
+def _kv_append_triton(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
+    kv_append_fwd(k_cache, v_cache, k, v, positions)
+
+
+def _kv_append_fake(k_cache, v_cache, k, v, positions):
+    return None
+
+
+_kv_append_triton.register_fake(_kv_append_fake)
+if extension_available():
+    torch.library.register_fake("fusedgpt::kv_append")(_kv_append_fake)
+
+
+def _check(k_cache, v_cache, k, v, positions) -> None:
+    op = "kv_append"
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        check_tensor(op, name, tensor, rank=4)
+        check_float(op, name, tensor)
+        check_unit_last_stride(op, name, tensor)
+    check_like(op, "v_cache", v_cache, "k_cache", k_cache, shape=True)
+    check_like(op, "k", k, "k_cache", k_cache)
+    check_like(op, "v", v, "k", k, shape=True)
+    batch, max_len, heads, dim = k_cache.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"fusedgpt.ops.kv_append: k must have shape [B, T, H, D] = [{batch}, T, {heads}, {dim}] "
+                         f"to match k_cache, got {tuple(k.shape)}")
+    tokens = k.shape[1]
+    if tokens > max_len:
+        raise ValueError(f"fusedgpt.ops.kv_append: the cache is too small: k has {tokens} tokens but k_cache "
+                         f"holds at most {max_len}")
+    check_tensor(op, "positions", positions, rank=1)
+    if positions.dtype != torch.int32:
+        raise TypeError(f"fusedgpt.ops.kv_append: positions must be int32, got {positions.dtype}")
+    if positions.shape[0] != batch:
+        raise ValueError(f"fusedgpt.ops.kv_append: positions must have shape [{batch}] (one per sequence), "
+                         f"got {tuple(positions.shape)}")
+    if positions.device != k_cache.device and positions.device.type != "cpu":
+        raise ValueError(f"fusedgpt.ops.kv_append: positions must be on the CPU or on the device of k_cache "
+                         f"({k_cache.device}), got {positions.device}")
+
+
+def _check_positions_in_range(positions: Tensor, tokens: int, max_len: int) -> None:
+    """Host check of the positions' values (reads them: a device sync when they live on a GPU)."""
+    max_start = max_len - tokens
+    bad = ((positions < 0) | (positions > max_start)).nonzero().flatten().tolist()
+    if bad:
+        values = positions.tolist()
+        listed = ", ".join(f"positions[{b}] = {values[b]}" for b in bad[:8])
+        raise ValueError(f"fusedgpt.ops.kv_append: {listed} out of range: appending {tokens} tokens to a cache "
+                         f"of length {max_len} needs 0 <= positions[b] <= {max_start}")
+
+
+def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, *, check: bool = False,
+              backend: str | None = None) -> None:
+    """Writes k, v into the caches at positions[b] .. positions[b] + T - 1, in place, in one launch.
+
+    k_cache, v_cache: [B, S_max, H, D]; k, v: [B, T, H, D]; all of one float dtype and device, any strides
+    with unit stride on D (so [B, H, S, D] caches transposed to [B, S, H, D] work). positions: int32 [B],
+    the tokens already in each sequence's cache, on the caches' device (no host sync: capturable in a
+    CUDA graph) or on the CPU (checked on the host, then copied). Returns nothing.
+    A sequence that would not fit is skipped whole; see the module docstring for how the caller learns
+    of it (CPU positions or check=True raise ValueError)."""
+    _check(k_cache, v_cache, k, v, positions)
+    tokens, max_len = k.shape[1], k_cache.shape[1]
+    if check or positions.device.type == "cpu":
+        _check_positions_in_range(positions, tokens, max_len)
+    positions = positions.to(k_cache.device)
+    chosen = choose_backend("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache))
+    if chosen == "torch":
+        kv_append_reference(k_cache, v_cache, k, v, positions)
+    elif chosen == "cuda":
+        torch.ops.fusedgpt.kv_append(k_cache, v_cache, k, v, positions)
+    else:
+        _kv_append_triton(k_cache, v_cache, k, v, positions)

@@ -1,0 +1,111 @@
+"""layer_norm: LayerNorm over the last dim, optionally fused with the residual add of a pre-LN block.
+
+Contract (CONVENTIONS.md): `layer_norm_reference` is the specification; `layer_norm` validates, picks a
+backend (cuda / triton / torch) and runs it; the GPU paths are torch.library custom ops with fake
+implementations:
+    fusedgpt::layer_norm, fusedgpt::add_layer_norm                  (csrc/layer_norm/layer_norm.cu)
+    fusedgpt::layer_norm_triton, fusedgpt::add_layer_norm_triton    (triton_kernels/layer_norm.py)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedgpt._extension import extension_available
+from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, check_vector,
+                                  kernel_limits, needs_autograd)
+from fusedgpt.triton_kernels.layer_norm import MAX_COLUMNS, layer_norm_fwd
+
+Tensor = torch.Tensor
+
+
+def layer_norm_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+                         residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """The specification. s = x + residual, stored in x's dtype (as an unfused block stores it);
+    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias, with the biased variance, computed in
+    float32 (float64 for float64 inputs) and returned in x's dtype. Returns y, or (y, s) with a residual."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = x
+    if residual is not None:
+        s = (x.to(compute) + residual.to(compute)).to(x.dtype)
+    values = s.to(compute)
+    mean = values.mean(dim=-1, keepdim=True)
+    variance = (values - mean).square().mean(dim=-1, keepdim=True)
+    y = (values - mean) * torch.rsqrt(variance + eps)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    y = y.to(x.dtype)
+    return (y, s) if residual is not None else y
+
+
+@torch.library.custom_op("fusedgpt::layer_norm_triton", mutates_args=())
+def _layer_norm_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    return layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+@torch.library.custom_op("fusedgpt::add_layer_norm_triton", mutates_args=())
+def _add_layer_norm_triton(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                           eps: float) -> tuple[Tensor, Tensor]:
+    return layer_norm_fwd(x, weight, bias, eps, residual)
+
+
+def _layer_norm_fake(x, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+_layer_norm_triton.register_fake(_layer_norm_fake)
+_add_layer_norm_triton.register_fake(_add_layer_norm_fake)
+if extension_available():
+    torch.library.register_fake("fusedgpt::layer_norm")(_layer_norm_fake)
+    torch.library.register_fake("fusedgpt::add_layer_norm")(_add_layer_norm_fake)
+
+
+def _check(x, weight, bias, eps, residual) -> None:
+    op = "layer_norm"
+    check_tensor(op, "x", x, min_rank=1)
+    check_float(op, "x", x)
+    check_unit_last_stride(op, "x", x)
+    columns = x.shape[-1]
+    if not 1 <= columns <= MAX_COLUMNS:
+        raise ValueError(f"fusedgpt.ops.layer_norm: x's last dim (hidden size) must be in [1, {MAX_COLUMNS}], "
+                         f"got {columns}")
+    check_vector(op, "weight", weight, columns, "x", x)
+    check_vector(op, "bias", bias, columns, "x", x)
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        check_like(op, "residual", residual, "x", x, shape=True)
+        check_unit_last_stride(op, "residual", residual)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"fusedgpt.ops.layer_norm: eps must be a non-negative number, got {eps!r}")
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+               residual: Tensor | None = None, *, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dim of x, fused with the residual add when `residual` is given.
+
+    x: [..., C], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous,
+    1 <= C <= 16384. residual: like x (same shape, dtype, device). weight, bias: [C] in x's dtype, or None.
+    Returns y = LN(x), or (y, s) with s = x + residual and y = LN(s): the add+norm of a pre-LN block in one
+    pass over memory. Outputs are contiguous, in x's dtype; statistics are fp32 on every backend.
+    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend). Calls that need autograd take "torch".
+    """
+    _check(x, weight, bias, eps, residual)
+    chosen = "torch" if needs_autograd(x, weight, bias, residual) else choose_backend(
+        "layer_norm", x.device, backend, unsupported=kernel_limits(x))
+    eps = float(eps)
+    if chosen == "torch":
+        return layer_norm_reference(x, weight, bias, eps, residual)
+    if chosen == "cuda":
+        if residual is None:
+            return torch.ops.fusedgpt.layer_norm(x, weight, bias, eps)
+        return torch.ops.fusedgpt.add_layer_norm(x, residual, weight, bias, eps)
+    if residual is None:
+        return _layer_norm_triton(x, weight, bias, eps)
+    return _add_layer_norm_triton(x, residual, weight, bias, eps)
