@@ -8,7 +8,8 @@ in their schema (Tensor(a!)) and return nothing.
 Out-of-range policy: a sequence b whose block would not fit, positions[b] < 0 or
 positions[b] + T > S_max, is skipped whole on every backend (nothing of it is written, never out of
 bounds). The caller learns of it
-  - at once, as a ValueError, when positions is a CPU tensor (checked on the host, no device sync);
+  - at once, as a ValueError, when positions is a CPU tensor (checked on the host, no device sync;
+    not inside torch.compile, which cannot read values);
   - as a ValueError with check=True, which reads device positions back (one device sync: not for a
     CUDA-graph-captured step);
   - otherwise not at all from this op: a caller that keeps device positions (a captured decode step)
@@ -112,7 +113,11 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
     of it (CPU positions or check=True raise ValueError)."""
     _check(k_cache, v_cache, k, v, positions)
     tokens, max_len = k.shape[1], k_cache.shape[1]
-    if check or positions.device.type == "cpu":
+    if torch.compiler.is_compiling():  # a traced graph cannot read values: the kernels' skip still holds
+        if check:
+            raise ValueError("fusedgpt.ops.kv_append: check=True reads positions on the host and cannot be "
+                             "traced by torch.compile; check before the compiled region")
+    elif check or positions.device.type == "cpu":
         _check_positions_in_range(positions, tokens, max_len)
     positions = positions.to(k_cache.device)
     chosen = choose_backend("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache))

@@ -1,0 +1,109 @@
+"""fusedgpt.ops.bias_act against the float64 reference, on every backend; bad input; opcheck;
+torch.compile; the drop-in fusedgpt.nn.LinearAct."""
+
+import pytest
+import torch
+from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
+
+import fusedgpt
+from fusedgpt.ops import bias_act, bias_act_reference
+
+ACTIVATIONS = ["gelu_tanh", "gelu", "relu"]
+CPU_SHAPES = [(1, 3072), (7, 1600), (2, 3, 1001), (3, 1), (16, 512)]
+GPU_SHAPES = [(1, 3072), (16, 3072), (257, 8192), (5, 6400), (3, 7, 1001), (16384, 3072)]
+
+
+def _plain_pytorch(x, bias, activation):
+    v = x + bias if bias is not None else x
+    if activation == "relu":
+        return torch.relu(v)
+    return torch.nn.functional.gelu(v, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _check(backend, x, bias, activation):
+    poison_allocator(x.device.type)
+    y = bias_act(x, bias, activation, backend=backend)
+    reference = bias_act_reference(x.double(), None if bias is None else bias.double(), activation)
+    assert_within_tolerance(y, reference, _plain_pytorch(x, bias, activation), activation)
+    assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_reference(backend, device, dtype, activation):
+    skip_unsupported(backend, device, dtype)
+    for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
+        # Wide range: the tanh form must saturate (no inf/inf) and stay accurate near zero.
+        x = torch.randn(shape, dtype=dtype, device=device) * 4
+        bias = torch.randn(shape[-1], dtype=dtype, device=device)
+        _check(backend, x, bias, activation)
+    _check(backend, torch.randn(4, 96, dtype=dtype, device=device), None, activation)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_extreme_values_and_strided_rows(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    x = torch.tensor([[-100.0, -20.0, -1e-4, 0.0, 1e-4, 20.0, 100.0, 3.0]], device=device)
+    for activation in ACTIVATIONS:
+        _check(backend, x, None, activation)
+    wide = torch.randn(6, 1030, dtype=torch.float16, device=device)
+    _check(backend, wide[:, 3:1027], torch.randn(1024, dtype=torch.float16, device=device), "gelu_tanh")
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: bias_act(torch.randn(2, 4), None, "swish"), ValueError, "activation must be one of"),
+    (lambda: bias_act(torch.randn(2, 4), torch.randn(3), "relu"), ValueError, r"bias must have shape \[4\]"),
+    (lambda: bias_act(torch.randn(2, 4), torch.randn(4, dtype=torch.float16), "relu"), TypeError,
+     "bias must have the dtype of x"),
+    (lambda: bias_act(torch.zeros(2, 4, dtype=torch.int64), None, "relu"), TypeError, "x must be one of"),
+    (lambda: bias_act(torch.randn(8, 4).t(), None, "relu"), ValueError, "contiguous last dimension"),
+    (lambda: bias_act("x", None, "relu"), TypeError, "x must be a torch.Tensor"),
+    (lambda: bias_act(torch.randn(2, 4), None, "relu", backend="cuda"), ValueError, "needs CUDA tensors"),
+])
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_triton_op(device):
+    skip_unsupported("triton", device, torch.float32)
+    x, bias = torch.randn(3, 96, device=device), torch.randn(96, device=device)
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(torch.ops.fusedgpt.bias_act_triton.default, (x, bias, activation))
+    torch.library.opcheck(torch.ops.fusedgpt.bias_act_triton.default, (x, None, "gelu"))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_op():
+    x, bias = torch.randn(3, 96, device="cuda", dtype=torch.float16), torch.randn(96, device="cuda", dtype=torch.float16)
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(torch.ops.fusedgpt.bias_act.default, (x, bias, activation))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    x, bias = torch.randn(4, 256, device=device), torch.randn(256, device=device)
+
+    def mlp_half(x):
+        return bias_act(x * 0.5, bias, "gelu_tanh", backend=backend) + 1
+
+    compiled = torch.compile(mlp_half, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    torch.testing.assert_close(compiled(x), mlp_half(x), rtol=0, atol=0)
+
+
+def test_linear_act_is_a_drop_in_linear():
+    reference = torch.nn.Linear(64, 256)
+    fused = fusedgpt.nn.LinearAct(64, 256, activation="gelu_tanh")
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.nn.functional.gelu(reference(x), approximate="tanh"))
+    relu = fusedgpt.nn.LinearAct(64, 32, bias=False, activation="relu")
+    with torch.no_grad():
+        torch.testing.assert_close(relu(x), torch.relu(x @ relu.weight.t()))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fusedgpt.nn.LinearAct(4, 4, activation="tanh")

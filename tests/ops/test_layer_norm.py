@@ -1,0 +1,173 @@
+"""fusedgpt.ops.layer_norm against the float64 reference, on every backend; bad input; opcheck;
+torch.compile; the drop-in fusedgpt.nn.LayerNorm."""
+
+import pytest
+import torch
+from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
+
+import fusedgpt
+from fusedgpt.ops import layer_norm, layer_norm_reference
+
+CPU_SHAPES = [(1, 768), (7, 1600), (3, 5120), (2, 3, 1001), (4, 1), (2, 16384)]
+GPU_SHAPES = [(1, 768), (16, 768), (257, 1024), (5, 1600), (3, 2048), (2, 2560), (4, 4096), (3, 5120),
+              (2, 7168), (2, 9216), (2, 12288), (2, 16384), (3, 7, 1001), (16384, 768)]
+
+
+def _plain_pytorch(x, weight, bias, eps, residual):
+    """What an unfused block computes in x's dtype: the tolerance rule's baseline."""
+    s = x + residual if residual is not None else x
+    y = torch.nn.functional.layer_norm(s, (x.shape[-1],), weight, bias, eps)
+    return (y, s) if residual is not None else y
+
+
+def _inputs(shape, dtype, device, affine=True, with_residual=True):
+    x = torch.randn(shape, dtype=dtype, device=device) * 2 + 0.5
+    residual = torch.randn(shape, dtype=dtype, device=device) if with_residual else None
+    weight = torch.randn(shape[-1], dtype=dtype, device=device) if affine else None
+    bias = torch.randn(shape[-1], dtype=dtype, device=device) if affine else None
+    return x, weight, bias, residual
+
+
+def _check(backend, x, weight, bias, residual, eps=1e-5):
+    poison_allocator(x.device.type)
+    out = layer_norm(x, weight, bias, eps, residual, backend=backend)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    reference = layer_norm_reference(as64(x), as64(weight), as64(bias), eps,
+                                      None if residual is None else as64(residual))
+    baseline = _plain_pytorch(x, weight, bias, eps, residual)
+    if residual is None:
+        assert_within_tolerance(out, reference, baseline, "y")
+    else:
+        y, s = out
+        # s is x + residual rounded to x's dtype: exactly what the unfused block stores.
+        torch.testing.assert_close(s, baseline[1], rtol=0, atol=0)
+        # Normalising the stored s in float64 is the reference for y.
+        reference_y = layer_norm_reference(s.double(), as64(weight), as64(bias), eps)
+        assert_within_tolerance(y, reference_y, baseline[0], "y")
+        assert y.is_contiguous() and s.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_matches_reference(backend, device, dtype, with_residual):
+    skip_unsupported(backend, device, dtype)
+    for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
+        _check(backend, *_inputs(shape, dtype, device, with_residual=with_residual))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_without_weight_or_bias_and_strided_rows(backend, device):
+    dtype = torch.float16
+    skip_unsupported(backend, device, dtype)
+    x, weight, bias, residual = _inputs((5, 1600), dtype, device)
+    _check(backend, x, None, None, residual)
+    _check(backend, x, weight, None, None)
+    _check(backend, x, None, bias, None)
+    # Rows of a wider buffer (a view with row stride 1700, misaligned for 16-byte access), and an
+    # offset view for the residual: the kernels read strided rows without a copy.
+    wide = torch.randn(5, 1700, dtype=dtype, device=device)
+    _check(backend, wide[:, 3:1603], weight, bias, torch.randn(5, 1700, dtype=dtype, device=device)[:, :1600])
+    # A [B, H, S]-like tensor transposed in its leading dims (last dim still contiguous).
+    _check(backend, torch.randn(4, 3, 768, dtype=dtype, device=device).transpose(0, 1), weight[:768].contiguous(),
+           None, None)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_large_mean_small_variance(backend, device):
+    """Two-pass statistics: a large common offset must not destroy the variance."""
+    skip_unsupported(backend, device, torch.float32)
+    x = 1000.0 + 0.01 * torch.randn(3, 2048, device=device)
+    _check(backend, x, None, None, None)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_empty_input(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    x = torch.randn(0, 768, device=device)
+    assert layer_norm(x, backend=backend).shape == (0, 768)
+
+
+def test_float64_runs_on_the_reference_and_kernels_refuse_it():
+    x = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(layer_norm(x), torch.nn.functional.layer_norm(x, (64,)))
+    with pytest.raises(ValueError, match="float64"):
+        layer_norm(x, backend="triton")
+
+
+def test_autograd_calls_take_the_reference():
+    x = torch.randn(3, 64, requires_grad=True)
+    weight = torch.randn(64, requires_grad=True)
+    layer_norm(x, weight, None, 1e-5).sum().backward()
+    assert x.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    (lambda: layer_norm(torch.zeros(2, 4, dtype=torch.int32)), TypeError, "x must be one of"),
+    (lambda: layer_norm(torch.randn(2, 16385)), ValueError, r"hidden size\) must be in \[1, 16384\]"),
+    (lambda: layer_norm(torch.randn(8, 4).t()), ValueError, "x must have a contiguous last dimension"),
+    (lambda: layer_norm(torch.randn(2, 4), torch.randn(5)), ValueError, r"weight must have shape \[4\]"),
+    (lambda: layer_norm(torch.randn(2, 4), None, torch.randn(4, dtype=torch.float16)), TypeError,
+     "bias must have the dtype of x"),
+    (lambda: layer_norm(torch.randn(2, 4), residual=torch.randn(3, 4)), ValueError,
+     "residual must have the shape of x"),
+    (lambda: layer_norm(torch.randn(2, 4), eps=-1.0), ValueError, "eps must be a non-negative"),
+    (lambda: layer_norm(torch.randn(2, 4), backend="fast"), ValueError, "backend must be one of"),
+    (lambda: layer_norm(torch.randn(2, 4), backend="cuda"), ValueError, "cuda backend needs CUDA tensors"),
+])
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_triton_ops(device):
+    skip_unsupported("triton", device, torch.float32)
+    x, weight, bias, residual = _inputs((3, 96), torch.float32, device)
+    torch.library.opcheck(torch.ops.fusedgpt.layer_norm_triton.default, (x, weight, bias, 1e-5))
+    torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm_triton.default, (x, residual, None, bias, 1e-5))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_ops():
+    x, weight, bias, residual = _inputs((3, 96), torch.float16, "cuda")
+    torch.library.opcheck(torch.ops.fusedgpt.layer_norm.default, (x, weight, bias, 1e-5))
+    torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm.default, (x, residual, weight, None, 1e-5))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    x, weight, bias, residual = _inputs((4, 128), torch.float32, device)
+
+    def block(x, residual):
+        y, s = layer_norm(x, weight, bias, 1e-5, residual, backend=backend)
+        return y * 2, s
+
+    # The CPU has no fast inductor path worth the compile time here: aot_eager still traces the whole
+    # graph through the fake implementations; the GPU uses inductor.
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    expected = block(x, residual)
+    actual = compiled(x, residual)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_drop_in_module_matches_torch_layer_norm():
+    reference = torch.nn.LayerNorm(1600)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fused = fusedgpt.nn.LayerNorm(1600)
+    assert list(fused.state_dict()) == list(reference.state_dict()) == ["weight", "bias"]
+    fused.load_state_dict(reference.state_dict())
+    x, residual = torch.randn(2, 5, 1600), torch.randn(2, 5, 1600)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x))
+        y, s = fused(x, residual)
+        torch.testing.assert_close(s, x + residual)
+        torch.testing.assert_close(y, reference(x + residual))
+    no_bias = fusedgpt.nn.LayerNorm(64, bias=False)
+    assert list(no_bias.state_dict()) == ["weight"]
+    with pytest.raises(ValueError, match="normalized_shape must be one dim"):
+        fusedgpt.nn.LayerNorm((4, 64))
