@@ -1,0 +1,132 @@
+"""attention: fused prefill attention — causal, sliding-window (GPT-Neo's local layers) and
+left-padded batches — over [B, S, H, D] tensors.
+
+Contract (CONVENTIONS.md): `attention_reference` is the specification; `attention` validates, picks a
+backend and runs it. GPU path: fusedgpt::attention_triton (triton_kernels/attention.py), a custom op
+with a fake implementation. The hand-written CUDA kernel (csrc/attention/) is not written yet: the
+"cuda" backend is unavailable for this family until it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
+                                  needs_autograd)
+from fusedgpt.triton_kernels.attention import attention_fwd, default_scale
+
+Tensor = torch.Tensor
+
+MAX_HEAD_DIM = 256  # the kernels' limit; larger head dims run on the reference
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+                        scale: float | None = None, kv_start: Tensor | None = None) -> Tensor:
+    """The specification, in float32 (float64 for float64 inputs), returned in q's dtype.
+
+    q [B, Sq, H, D] are the last Sq positions of the Sk keys: query i sits at key position
+    p = Sk - Sq + i. Key j is visible iff j >= kv_start[b] (padding), j <= p (causal) and j > p - window
+    (window). out = softmax(scale * q k^T over visible keys) v; a query with no visible key gets zeros."""
+    batch, q_len, heads, dim = q.shape
+    kv_len = k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = default_scale(dim) if scale is None else scale
+    qh, kh, vh = (t.to(compute).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    scores = (qh @ kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    visible = visible_keys(q_len, kv_len, causal=causal, window=window, kv_start=kv_start, device=q.device)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()  # (B, Sq, H, D)
+
+
+def visible_keys(q_len: int, kv_len: int, *, causal: bool, window: int | None, kv_start: Tensor | None,
+                 device: torch.device) -> Tensor:
+    """The visibility mask of the specification, broadcastable to (B, H, Sq, Sk): query i sits at key
+    position p = Sk - Sq + i and sees key j iff j >= kv_start[b], j <= p (causal), j > p - window."""
+    query_pos = torch.arange(q_len, device=device) + (kv_len - q_len)  # (Sq,)
+    key_pos = torch.arange(kv_len, device=device)  # (Sk,)
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)  # (Sq, Sk)
+    if causal:
+        visible &= key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        visible &= key_pos[None, :] > query_pos[:, None] - window
+    visible = visible[None, None]  # (1, 1, Sq, Sk)
+    if kv_start is not None:
+        not_padding = key_pos[None, :] >= kv_start.to(device, torch.int64)[:, None]  # (B, Sk)
+        visible = visible & not_padding[:, None, None, :]  # (B, 1, Sq, Sk)
+    return visible
+
+
+@torch.library.custom_op("fusedgpt::attention_triton", mutates_args=())
+def _attention_triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, scale: float,
+                      kv_start: Tensor | None) -> Tensor:
+    return attention_fwd(q, k, v, causal, window, scale, kv_start)
+
+
+@_attention_triton.register_fake
+def _attention_fake(q, k, v, causal, window, scale, kv_start):
+    return q.new_empty(q.shape)
+
+
+def _check(q, k, v, causal, window, scale, kv_start) -> None:
+    op = "attention"
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, tensor, rank=4)
+        check_float(op, name, tensor)
+        check_unit_last_stride(op, name, tensor)
+    check_like(op, "k", k, "q", q)
+    check_like(op, "v", v, "k", k, shape=True)
+    batch, q_len, heads, dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"fusedgpt.ops.attention: k must have shape [B, Sk, H, D] = [{batch}, Sk, {heads}, {dim}] "
+                         f"to match q, got {tuple(k.shape)}")
+    if q_len > k.shape[1]:
+        raise ValueError(f"fusedgpt.ops.attention: q has more tokens ({q_len}) than k ({k.shape[1]}); the queries "
+                         "must be the last Sq of the Sk positions (Sq <= Sk)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"fusedgpt.ops.attention: causal must be a bool, got {type(causal).__name__}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"fusedgpt.ops.attention: window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("fusedgpt.ops.attention: window needs causal=True (a sliding window looks back only)")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"fusedgpt.ops.attention: scale must be a number or None, got {type(scale).__name__}")
+    if kv_start is not None:
+        check_tensor(op, "kv_start", kv_start, rank=1)
+        if kv_start.dtype != torch.int32:
+            raise TypeError(f"fusedgpt.ops.attention: kv_start must be int32, got {kv_start.dtype}")
+        if kv_start.shape[0] != batch:
+            raise ValueError(f"fusedgpt.ops.attention: kv_start must have shape [{batch}] (one per sequence), "
+                             f"got {tuple(kv_start.shape)}")
+        if kv_start.device != q.device:
+            raise ValueError(f"fusedgpt.ops.attention: kv_start must be on the device of q ({q.device}), "
+                             f"got {kv_start.device}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+              scale: float | None = None, kv_start: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """Fused attention for prompts (prefill).
+
+    q [B, Sq, H, D], k and v [B, Sk, H, D], Sq <= Sk, any strides with unit stride on D (views into a
+    fused QKV output, or [B, H, S, D] tensors transposed, need no copy); float16 / bfloat16 / float32
+    (float64 on the torch backend). The queries are the last Sq key positions (bottom-right aligned).
+    causal: key j visible to query position p iff j <= p. window=W (causal only): also j > p - W; tiles
+    outside the window are skipped, so the work is O(S * W). scale: defaults to D^-0.5 (GPT-Neo: 1.0).
+    kv_start int32 [B] on q's device: keys before it are left padding; a query with no visible key
+    returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
+    Backends: "triton"; "torch" (the reference, O(S^2) memory); "cuda" is not built yet for this
+    family. The kernels take head dims up to 256 (the reference any) and are inference-only: calls
+    that need autograd use the reference."""
+    _check(q, k, v, causal, window, scale, kv_start)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    unsupported = kernel_limits(q)
+    unsupported.setdefault("cuda", "the hand-written CUDA attention kernel is not built yet")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
+    chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
+                                                                      unsupported=unsupported)
+    if chosen == "torch":
+        return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+    return _attention_triton(q, k, v, causal, window, scale, kv_start)

@@ -1,0 +1,154 @@
+"""fusedgpt.ops.attention (prefill) against the float64 reference: causal, Sq < Sk, sliding windows,
+left padding with all-padding rows, strided views, odd head counts and head dims; bad input; opcheck;
+torch.compile. The Triton kernel runs under the interpreter on the CPU (small shapes)."""
+
+import pytest
+import torch
+from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
+
+from fusedgpt.ops import attention, attention_reference
+from fusedgpt.ops.attention import visible_keys
+
+# (B, Sq, Sk, H, D)
+CPU_CASES = [(1, 1, 1, 2, 64), (2, 7, 7, 3, 64), (1, 7, 40, 2, 80), (1, 57, 57, 2, 96), (1, 33, 70, 1, 128)]
+GPU_CASES = [(1, 1, 1, 12, 64), (2, 7, 7, 12, 64), (2, 128, 128, 25, 64), (1, 257, 257, 32, 80),
+             (2, 257, 300, 16, 96), (1, 1000, 1000, 16, 128), (3, 7, 1030, 12, 64), (1, 2048, 2048, 12, 64)]
+
+
+def _plain_pytorch(q, k, v, causal, window, scale, kv_start):
+    """Plain PyTorch in q's dtype (SDPA's math with the same mask): the tolerance rule's baseline."""
+    mask = visible_keys(q.shape[1], k.shape[1], causal=causal, window=window, kv_start=kv_start, device=q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return torch.nan_to_num(out.transpose(1, 2), nan=0.0)  # SDPA gives NaN where nothing is visible
+
+
+def _check(backend, q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+    poison_allocator(q.device.type)
+    out = attention(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start, backend=backend)
+    reference = attention_reference(q.double(), k.double(), v.double(), causal=causal, window=window, scale=scale,
+                                    kv_start=kv_start)
+    effective_scale = q.shape[-1] ** -0.5 if scale is None else scale
+    baseline = _plain_pytorch(q, k, v, causal, window, effective_scale, kv_start)
+    assert out.is_contiguous() and out.shape == q.shape
+    assert_within_tolerance(out, reference, baseline, f"attention window={window} kv_start={kv_start}")
+    return out
+
+
+def _qkv(batch, q_len, kv_len, heads, dim, dtype, device):
+    make = lambda s: torch.randn(batch, s, heads, dim, dtype=dtype, device=device)  # noqa: E731
+    return make(q_len), make(kv_len), make(kv_len)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_matches_reference(backend, device, dtype):
+    skip_unsupported(backend, device, dtype)
+    for case in CPU_CASES if device == "cpu" else GPU_CASES:
+        _check(backend, *_qkv(*case, dtype, device))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_attention_and_custom_scale(backend, device, dtype):
+    skip_unsupported(backend, device, dtype)
+    _check(backend, *_qkv(2, 19, 45, 3, 64, dtype, device), causal=False)
+    # GPT-Neo: unscaled scores, large logits; softmax statistics must stay in fp32.
+    _check(backend, *_qkv(1, 40, 40, 2, 64, dtype, device), scale=1.0)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sliding_window(backend, device, dtype):
+    skip_unsupported(backend, device, dtype)
+    if device == "cpu":
+        cases = [(1, 50, 50, 2, 64, 1), (1, 50, 50, 2, 64, 7), (1, 20, 60, 1, 64, 16), (1, 30, 30, 1, 64, 100),
+                 (1, 300, 300, 1, 64, 256)]
+    else:
+        cases = [(1, 1000, 1000, 16, 64, 1), (2, 1000, 1000, 16, 128, 256), (1, 600, 2000, 16, 64, 256),
+                 (1, 300, 300, 12, 64, 4096), (1, 4096, 4096, 16, 128, 256)]
+    for batch, q_len, kv_len, heads, dim, window in cases:
+        _check(backend, *_qkv(batch, q_len, kv_len, heads, dim, dtype, device), window=window, scale=1.0)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_padding_with_all_padding_rows(backend, device, dtype):
+    """Sequence 1 is padded up to key 20, sequence 2 entirely: its rows (and the padded queries of
+    sequence 1 that see nothing) must be zeros, never NaN."""
+    skip_unsupported(backend, device, dtype)
+    q, k, v = _qkv(3, 33, 33, 2, 64, dtype, device)
+    kv_start = torch.tensor([0, 20, 33], dtype=torch.int32, device=device)
+    out = _check(backend, q, k, v, kv_start=kv_start)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert torch.equal(out[1, :20], torch.zeros_like(out[1, :20]))
+    _check(backend, q, k, v, kv_start=kv_start, window=5)
+    _check(backend, *_qkv(3, 5, 33, 2, 64, dtype, device), kv_start=kv_start)  # Sq < Sk with padding
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_strided_views_need_no_copy(backend, device):
+    skip_unsupported(backend, device, torch.float16)
+    batch, seq, heads, dim = 2, 37, 3, 64
+    qkv = torch.randn(batch, seq, 3, heads, dim, dtype=torch.float16, device=device)  # fused projection output
+    q, k, v = qkv.unbind(2)
+    _check(backend, q, k, v)
+    # [B, H, S, D] tensors transposed to [B, S, H, D]
+    q, k, v = (torch.randn(batch, heads, seq, dim, dtype=torch.float16, device=device).transpose(1, 2)
+               for _ in range(3))
+    _check(backend, q, k, v, window=9)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: attention(q[0], k, v), ValueError, "q must have rank 4"),
+    (lambda q, k, v: attention(q, k.half(), v), TypeError, "k must have the dtype of q"),
+    (lambda q, k, v: attention(q, k, v[:, :3]), ValueError, "v must have the shape of k"),
+    (lambda q, k, v: attention(q, k[..., :8], v[..., :8]), ValueError, r"k must have shape \[B, Sk, H, D\]"),
+    (lambda q, k, v: attention(k, q, q), ValueError, r"Sq <= Sk"),
+    (lambda q, k, v: attention(q, k, v, window=0), ValueError, "window must be a positive int"),
+    (lambda q, k, v: attention(q, k, v, window=4, causal=False), ValueError, "window needs causal=True"),
+    (lambda q, k, v: attention(q, k, v, kv_start=torch.zeros(2)), TypeError, "kv_start must be int32"),
+    (lambda q, k, v: attention(q, k, v, kv_start=torch.zeros(3, dtype=torch.int32)), ValueError,
+     r"kv_start must have shape \[2\]"),
+    (lambda q, k, v: attention(q.int(), k.int(), v.int()), TypeError, "q must be one of"),
+    (lambda q, k, v: attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)), ValueError,
+     "q must have a contiguous last dimension"),
+    (lambda q, k, v: attention(q, k, v, backend="cuda"), ValueError, "backend .cuda. cannot run this call"),
+])
+def test_bad_input_is_named(call, error, match):
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 6, 3, 16), torch.randn(2, 6, 3, 16)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_is_reported_unavailable():
+    q = torch.randn(1, 4, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="not built yet"):
+        attention(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_triton_op(device):
+    skip_unsupported("triton", device, torch.float32)
+    q, k, v = _qkv(2, 5, 9, 2, 32, torch.float32, device)
+    kv_start = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.fusedgpt.attention_triton.default, (q, k, v, True, 4, 0.5, kv_start))
+    torch.library.opcheck(torch.ops.fusedgpt.attention_triton.default, (q, k, v, False, None, 0.25, None))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    q, k, v = _qkv(1, 9, 9, 2, 32, torch.float32, device)
+
+    def layer(q, k, v):
+        return attention(q * 2, k, v, window=4, backend=backend).sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+def test_head_dims_above_the_kernel_limit_use_the_reference():
+    q = torch.randn(1, 3, 1, 300)
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q))

@@ -1,0 +1,177 @@
+"""Triton fused prefill attention (FlashAttention-2 style): causal, sliding-window and left-padded.
+
+out[b, i, h] = softmax_j(scale * q[b, i, h] . k[b, j, h]) v[b, j, h] over the visible keys j, where the
+Sq queries are the last Sq positions of the Sk keys (bottom-right aligned: query i sits at key position
+p = Sk - Sq + i) and key j is visible iff
+    kv_start[b] <= j                 (left padding)
+    j <= p                           (causal)
+    j > p - window                   (sliding window, causal only)
+A query with no visible key gets zeros. The key loop covers only the blocks that can hold visible keys,
+so a window costs O(S * W), not O(S^2). Softmax statistics are fp32 with exp2; fp32 inputs use IEEE
+dots (no tf32), so float32 results are exact to rounding.
+
+One program per (BLOCK_M queries, batch * head); the running max m, normaliser l and the fp32
+accumulator stay in registers (online softmax)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+# Tile configurations tried by the autotuner on a GPU (a single small one under the interpreter, which
+# cannot benchmark). Filtered by head dim so registers stay bounded: [BLOCK_M, BLOCK_D] fp32 accumulator.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+]
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    kept = [c for c in configs if not (block_d >= 128 and c.kwargs["BLOCK_N"] >= 128)]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=_INTERPRETER_CONFIGS if _interpreting() else _GPU_CONFIGS,
+    key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KV_START", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # [B, Sq, H, D], unit stride on D
+    K,  # [B, Sk, H, D], unit stride on D
+    V,  # [B, Sk, H, D], unit stride on D
+    OUT,  # [B, Sq, H, D], contiguous
+    KV_START,  # [B] int32, first non-padding key per sequence (unused unless HAS_KV_START)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    heads,
+    q_len,
+    kv_len,
+    window,
+    scale_log2,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact dots
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // heads).to(tl.int64)
+    h = (batch_head % heads).to(tl.int64)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    query_pos = offs_m + (kv_len - q_len)  # key coordinates of each query
+    first_pos = block_m * BLOCK_M + (kv_len - q_len)
+    last_pos = tl.minimum(block_m * BLOCK_M + BLOCK_M, q_len) - 1 + (kv_len - q_len)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=(offs_m[:, None] < q_len) & d_mask[None, :], other=0.0)
+
+    # Keys [lo, hi) can be visible to some query of this block; lo rounded down to a tile.
+    start = 0
+    if HAS_KV_START:
+        start = tl.maximum(tl.load(KV_START + b), 0)
+    lo = start
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, first_pos - window + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, last_pos + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                    mask=(offs_n[None, :] < kv_len) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        if IEEE:
+            scores = tl.dot(q, k, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k)
+        scores = scores * scale_log2
+        # Only tiles that cross a bound need the mask; those strictly inside every bound (the common
+        # case off the diagonal) skip it.
+        crosses = (n0 < start) | (n0 + BLOCK_N > kv_len)
+        if IS_CAUSAL:
+            crosses = crosses | (n0 + BLOCK_N - 1 > first_pos)
+        if HAS_WINDOW:
+            crosses = crosses | (n0 <= last_pos - window)
+        if crosses:
+            visible = (offs_n[None, :] >= start) & (offs_n[None, :] < kv_len)
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= query_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=(offs_n[:, None] < kv_len) & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc += tl.dot(p, v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: acc is 0, the output too
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_mask[None, :])
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
+                  scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Sq, H, D], k and v [B, Sk, H, D] (unit stride on D), kv_start int32 [B] on q's device or
+    None. Arguments are assumed checked by fusedgpt.ops.attention. Returns a contiguous [B, Sq, H, D]."""
+    batch, q_len, heads, dim = q.shape
+    kv_len = k.shape[1]
+    out = torch.empty((batch, q_len, heads, dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if kv_len == 0:
+        return out.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    _attention_fwd_kernel[grid](
+        q, k, v, out, kv_start if kv_start is not None else q,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        heads, q_len, kv_len, window if window is not None else 0, scale * LOG2_E,
+        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), IS_CAUSAL=causal, HAS_WINDOW=window is not None,
+        HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
