@@ -55,3 +55,18 @@ def poison_allocator(device: str) -> None:
     if device == "cuda":
         block = torch.full((32 << 20,), float("nan"), dtype=torch.float32, device=device)
         del block
+
+
+def expected_after_append(cache, new, positions):
+    """The cache after the append, built slot by slot on the host (independent of every backend)."""
+    expected = cache.clone()
+    tokens = new.shape[1]
+    for b, start in enumerate(positions.tolist()):
+        if 0 <= start <= cache.shape[1] - tokens:
+            expected[b, start:start + tokens] = new[b]
+    return expected
+
+
+def assert_equal_with_nan(actual, expected):
+    assert torch.equal(actual.isnan(), expected.isnan()), "written slots differ (NaN poison pattern)"
+    assert torch.equal(torch.nan_to_num(actual), torch.nan_to_num(expected)), "written values differ"

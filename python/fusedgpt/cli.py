@@ -12,7 +12,7 @@ import torch
 import fusedgpt
 from fusedgpt.ops._backend import choose_backend, triton_interpreter_enabled
 
-OP_FAMILIES = ("layer_norm", "bias_act", "kv_append")
+OP_FAMILIES = ("layer_norm", "bias_act", "kv_append", "attention", "decode_attention")
 
 
 def info_lines() -> list[str]:

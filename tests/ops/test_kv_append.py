@@ -4,7 +4,8 @@ CUDA-graph capture with changing positions."""
 
 import pytest
 import torch
-from utils import ALL_BACKENDS, DEVICES, DTYPES, skip_unsupported
+from utils import (ALL_BACKENDS, DEVICES, DTYPES, assert_equal_with_nan, expected_after_append,
+                   skip_unsupported)
 
 from fusedgpt.ops import kv_append, kv_append_reference
 
@@ -14,21 +15,6 @@ def _poisoned_cache(batch, max_len, heads, dim, dtype, device, layout="bshd"):
     if layout == "bhsd":
         return torch.full((batch, heads, max_len, dim), float("nan"), dtype=dtype, device=device).transpose(1, 2)
     return torch.full((batch, max_len, heads, dim), float("nan"), dtype=dtype, device=device)
-
-
-def _expected(cache, new, positions):
-    """The cache after the append, built slot by slot on the host (independent of every backend)."""
-    expected = cache.clone()
-    tokens = new.shape[1]
-    for b, start in enumerate(positions.tolist()):
-        if 0 <= start <= cache.shape[1] - tokens:
-            expected[b, start:start + tokens] = new[b]
-    return expected
-
-
-def _assert_same_with_nan(actual, expected):
-    assert torch.equal(actual.isnan(), expected.isnan()), "written slots differ (NaN poison pattern)"
-    assert torch.equal(torch.nan_to_num(actual), torch.nan_to_num(expected)), "written values differ"
 
 
 def _append_unchecked(backend, *args):
@@ -49,13 +35,13 @@ def _run(backend, device, dtype, batch, max_len, heads, dim, tokens, starts, lay
         k = torch.randn(batch, tokens, heads, dim, dtype=dtype, device=device)
         v = torch.randn(batch, tokens, heads, dim, dtype=dtype, device=device)
     positions = torch.tensor(starts, dtype=torch.int32, device=device)
-    expected_k, expected_v = _expected(k_cache, k, positions), _expected(v_cache, v, positions)
+    expected_k, expected_v = expected_after_append(k_cache, k, positions), expected_after_append(v_cache, v, positions)
     if unchecked:
         _append_unchecked(backend, k_cache, v_cache, k, v, positions)
     else:
         kv_append(k_cache, v_cache, k, v, positions, backend=backend)
-    _assert_same_with_nan(k_cache, expected_k)
-    _assert_same_with_nan(v_cache, expected_v)
+    assert_equal_with_nan(k_cache, expected_k)
+    assert_equal_with_nan(v_cache, expected_v)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -178,18 +164,18 @@ def test_cuda_graph_replay_with_new_positions(backend):
         v.copy_(new_v)
         positions.copy_(torch.tensor(starts, dtype=torch.int32))
         graph.replay()
-        expected_k = _expected(expected_k, new_k, torch.tensor(starts))
-        expected_v = _expected(expected_v, new_v, torch.tensor(starts))
+        expected_k = expected_after_append(expected_k, new_k, torch.tensor(starts))
+        expected_v = expected_after_append(expected_v, new_v, torch.tensor(starts))
     torch.cuda.synchronize()
-    _assert_same_with_nan(k_cache, expected_k)
-    _assert_same_with_nan(v_cache, expected_v)
+    assert_equal_with_nan(k_cache, expected_k)
+    assert_equal_with_nan(v_cache, expected_v)
 
 
 def test_reference_matches_the_slot_by_slot_definition():
     cache = torch.randn(3, 10, 2, 8, dtype=torch.float64)
     new = torch.randn(3, 3, 2, 8, dtype=torch.float64)
     positions = torch.tensor([0, 8, 7], dtype=torch.int32)  # 8 + 3 > 10: skipped
-    expected = _expected(cache, new, positions)
+    expected = expected_after_append(cache, new, positions)
     other = cache.clone()
     kv_append_reference(cache, other, new, new, positions)
     assert torch.equal(cache, expected) and torch.equal(other, expected)

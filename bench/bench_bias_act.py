@@ -1,0 +1,164 @@
+"""Benchmark of fusedgpt.ops.bias_act (y = act(x + bias), the MLP's bias + activation in one pass) against
+PyTorch: 1 and 16 tokens (decode) and 16384 tokens (prefill) x width 768, 1600, 2048, 3072, 4096, 8192
+(3072 and 8192 are the 4x MLP widths of GPT-2 small and of 2048-wide models); fp16 and bf16.
+Activations: gelu_tanh (GPT-2 / GPT-Neo) on every shape; gelu (erf) and relu (OPT) at 16384 tokens
+(their decode latency is the same launch-bound number), or on every shape with --all-activation-shapes.
+
+Providers:
+  fusedgpt-cuda     fusedgpt.ops.bias_act(..., backend="cuda")   (skipped without the extension)
+  fusedgpt-triton   fusedgpt.ops.bias_act(..., backend="triton")
+  torch-eager       torch.nn.functional.gelu(x + bias, approximate="tanh") / gelu(x + bias) / relu(x + bias)
+  torch-compile     torch.compile(fusedgpt.ops.bias_act_reference, fullgraph=True), default mode
+  empty-kernel      an empty Triton kernel under CUDA-graph replay: the latency floor (1 and 16 tokens)
+
+Effective bytes: read x and bias, write y. GB/s = bytes / do_bench median time. us_graph (1 and 16
+tokens) = latency per call under CUDA-graph replay. Results: bench/results/<device>.csv (family
+"bias_act") and a PNG.
+
+    python bench/bench_bias_act.py [--quick] [--dtypes fp16,bf16] [--activations gelu_tanh,gelu,relu]
+                                   [--all-activation-shapes] [--out-dir bench/results]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working dir
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import fusedgpt  # noqa: E402
+from fusedgpt.ops import bias_act, bias_act_reference  # noqa: E402
+
+FAMILY = "bias_act"
+PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", "torch-eager", "torch-compile", common.EMPTY_KERNEL_PROVIDER)
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+FULL_GRID_ACTIVATION = "gelu_tanh"
+TOKEN_COUNTS = (1, 16, 16384)
+WIDTHS = (768, 1600, 2048, 3072, 4096, 8192)
+PREFILL_TOKENS = 16384
+SMALL_TOKENS = 16  # cases up to this many tokens also get CUDA-graph latencies
+DEVICE = "cuda"
+
+
+def benchmark_cases(quick: bool, activations: list[str], all_activation_shapes: bool) -> list[dict]:
+    """(activation, tokens, width) per case."""
+    tokens_list, widths = ((1, PREFILL_TOKENS), (3072,)) if quick else (TOKEN_COUNTS, WIDTHS)
+    cases = []
+    for activation in activations:
+        full_grid = all_activation_shapes or activation == FULL_GRID_ACTIVATION
+        for tokens in (tokens_list if full_grid else (PREFILL_TOKENS,)):
+            cases += [{"activation": activation, "tokens": tokens, "hidden": width} for width in widths]
+    return cases
+
+
+def effective_bytes(tokens: int, width: int, element_size: int) -> int:
+    return 2 * tokens * width * element_size + width * element_size  # read x, write y; read bias
+
+
+def torch_eager_function(activation: str):
+    """The strongest plain PyTorch: the add, then the native activation kernel."""
+    if activation == "gelu_tanh":
+        return lambda x, bias: torch.nn.functional.gelu(x + bias, approximate="tanh")
+    if activation == "gelu":
+        return lambda x, bias: torch.nn.functional.gelu(x + bias)
+    return lambda x, bias: torch.nn.functional.relu(x + bias)
+
+
+def provider_function(provider: str, activation: str):
+    """(x, bias) -> y."""
+    if provider in ("fusedgpt-cuda", "fusedgpt-triton"):
+        backend = provider.removeprefix("fusedgpt-")
+        return lambda x, bias: bias_act(x, bias, activation, backend=backend)
+    if provider == "torch-eager":
+        return torch_eager_function(activation)
+    if provider == "torch-compile":
+        compiled = common.compile_fresh(bias_act_reference)
+        return lambda x, bias: compiled(x, bias, activation)
+    raise ValueError(provider)
+
+
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: int) -> list[dict]:
+    activation, tokens, width = case["activation"], case["tokens"], case["hidden"]
+    label = f"{activation} {tokens}x{width}"
+    fields = {"tokens": tokens, "hidden": width, "activation": activation}
+    x = torch.randn(tokens, width, dtype=dtype, device=DEVICE)
+    bias = torch.randn(width, dtype=dtype, device=DEVICE)
+    expected = bias_act_reference(x, bias, activation)
+
+    copies = common.rotation_copy_count(x.numel() * x.element_size())
+    input_sets = common.rotated_copies([x], copies)  # [(x_i,)]
+    del x
+
+    with_graph = tokens <= SMALL_TOKENS
+    element_size = torch.finfo(dtype).bits // 8
+    rows = []
+    for provider in providers:
+        if provider == common.EMPTY_KERNEL_PROVIDER:
+            if with_graph:
+                rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                           bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
+                                           graph_calls=graph_calls))
+            continue
+        if provider == "fusedgpt-cuda" and not fusedgpt.extension_available():
+            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                         error="skipped: the CUDA extension is not available"))
+            continue
+        try:
+            function = provider_function(provider, activation)
+        except Exception as error:
+            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                         error=common.short_error(error)))
+            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
+            continue
+
+        def step(index: int, function=function):
+            return function(input_sets[index % len(input_sets)][0], bias)
+
+        def verify(step=step) -> str:
+            return common.check_close(step(0), expected)
+
+        rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                   bytes_moved=effective_bytes(tokens, width, element_size), step=step,
+                                   with_graph=with_graph, graph_calls=graph_calls, verify=verify))
+    del input_sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--activations", default=",".join(ACTIVATIONS),
+                        help=f"comma-separated activations among {', '.join(ACTIVATIONS)} (default: all)")
+    parser.add_argument("--all-activation-shapes", action="store_true",
+                        help=f"every activation on every shape (default: {FULL_GRID_ACTIVATION} on every "
+                             f"shape, the others at {PREFILL_TOKENS} tokens only)")
+    args = parser.parse_args(argv)
+    dtypes = common.parse_dtypes(args.dtypes)
+    providers = common.parse_providers(args.providers, PROVIDERS)
+    activations = [name.strip() for name in args.activations.split(",") if name.strip()]
+    unknown = [name for name in activations if name not in ACTIVATIONS]
+    if unknown or not activations:
+        parser.error(f"--activations: expected names among {ACTIVATIONS}, got {args.activations!r}")
+    common.require_gpu()
+    common.print_environment(FAMILY)
+    torch.manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for dtype in dtypes:
+            for case in benchmark_cases(args.quick, activations, args.all_activation_shapes):
+                print(f"{FAMILY}: {case['activation']} tokens={case['tokens']} width={case['hidden']} "
+                      f"{common.dtype_name(dtype)}", flush=True)
+                try:
+                    rows += run_case(case, dtype, providers, args.graph_calls)
+                except Exception as error:  # e.g. out of memory while building the inputs
+                    print(f"  ERROR building case: {common.short_error(error)}")
+                    torch.cuda.empty_cache()
+    common.finish(rows, FAMILY, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

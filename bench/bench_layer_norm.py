@@ -1,0 +1,165 @@
+"""Benchmark of fusedgpt.ops.layer_norm (LayerNorm fused with the residual add of a pre-LN block) against
+PyTorch, on the shapes of GPT-style models: 1 and 16 tokens (decode) and 16384 tokens (prefill) x
+hidden 768 (GPT-2 small), 1600 (GPT-2 XL), 2048 and 4096; fp16 and bf16.
+
+Providers:
+  fusedgpt-cuda     fusedgpt.ops.layer_norm(..., backend="cuda")   (skipped without the extension)
+  fusedgpt-triton   fusedgpt.ops.layer_norm(..., backend="triton")
+  torch-eager       s = x + residual; torch.nn.functional.layer_norm(s, ...)  (two kernels)
+  torch-compile     torch.compile(fusedgpt.ops.layer_norm_reference, fullgraph=True), default mode
+  empty-kernel      an empty Triton kernel under CUDA-graph replay: the latency floor (1 and 16 tokens)
+
+Effective bytes: with residual, read x, residual, weight, bias and write y and s; without, read x,
+weight, bias and write y. GB/s = bytes / do_bench median time. us_graph (1 and 16 tokens) = latency per
+call under CUDA-graph replay. Results: bench/results/<device>.csv (family "layer_norm") and a PNG.
+
+    python bench/bench_layer_norm.py [--quick] [--dtypes fp16,bf16] [--out-dir bench/results]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working dir
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import fusedgpt  # noqa: E402
+from fusedgpt.ops import layer_norm, layer_norm_reference  # noqa: E402
+
+FAMILY = "layer_norm"
+PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", "torch-eager", "torch-compile", common.EMPTY_KERNEL_PROVIDER)
+TOKEN_COUNTS = (1, 16, 16384)
+HIDDEN_SIZES = (768, 1600, 2048, 4096)
+NO_RESIDUAL_TOKENS = 16384  # the plain LayerNorm (first block / final norm) is reported at prefill size
+SMALL_TOKENS = 16  # cases up to this many tokens also get CUDA-graph latencies
+EPS = 1e-5
+DEVICE = "cuda"
+
+
+def benchmark_cases(quick: bool) -> list[dict]:
+    """(tokens, hidden, residual) per case: every token count with residual, then no residual at 16384."""
+    tokens_list, hidden_list = ((1, 16384), (1600,)) if quick else (TOKEN_COUNTS, HIDDEN_SIZES)
+    cases = [{"tokens": tokens, "hidden": hidden, "residual": True}
+             for tokens in tokens_list for hidden in hidden_list]
+    cases += [{"tokens": NO_RESIDUAL_TOKENS, "hidden": hidden, "residual": False} for hidden in hidden_list]
+    return cases
+
+
+def effective_bytes(tokens: int, hidden: int, residual: bool, element_size: int) -> int:
+    activation = tokens * hidden * element_size
+    parameters = 2 * hidden * element_size  # weight and bias
+    return (4 if residual else 2) * activation + parameters
+
+
+def torch_eager(x, residual, weight, bias):
+    """The strongest plain PyTorch: one add, then the native LayerNorm kernel."""
+    if residual is None:
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+    summed = x + residual
+    return torch.nn.functional.layer_norm(summed, (x.shape[-1],), weight, bias, EPS), summed
+
+
+def provider_function(provider: str):
+    """(x, residual or None, weight, bias) -> y, or (y, s) with a residual."""
+    if provider in ("fusedgpt-cuda", "fusedgpt-triton"):
+        backend = provider.removeprefix("fusedgpt-")
+        return lambda x, residual, weight, bias: layer_norm(x, weight, bias, EPS, residual, backend=backend)
+    if provider == "torch-eager":
+        return torch_eager
+    if provider == "torch-compile":
+        compiled = common.compile_fresh(layer_norm_reference)
+        return lambda x, residual, weight, bias: compiled(x, weight, bias, EPS, residual)
+    raise ValueError(provider)
+
+
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: int) -> list[dict]:
+    tokens, hidden, has_residual = case["tokens"], case["hidden"], case["residual"]
+    label = f"{tokens}x{hidden} {'res' if has_residual else 'nores'}"
+    fields = {"tokens": tokens, "hidden": hidden, "residual": int(has_residual)}
+    x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    residual = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE) if has_residual else None
+    weight = 1.0 + 0.1 * torch.randn(hidden, dtype=dtype, device=DEVICE)
+    bias = 0.1 * torch.randn(hidden, dtype=dtype, device=DEVICE)
+    expected = layer_norm_reference(x, weight, bias, EPS, residual)
+    expected = expected if has_residual else (expected,)
+
+    activations = [x] + ([residual] if has_residual else [])
+    copies = common.rotation_copy_count(sum(t.numel() * t.element_size() for t in activations))
+    input_sets = common.rotated_copies(activations, copies)  # [(x_i, residual_i)] or [(x_i,)]
+    del x, residual, activations
+
+    def inputs(index: int):
+        chosen = input_sets[index % len(input_sets)]
+        return chosen[0], (chosen[1] if has_residual else None)
+
+    with_graph = tokens <= SMALL_TOKENS
+    element_size = torch.finfo(dtype).bits // 8
+    rows = []
+    for provider in providers:
+        if provider == common.EMPTY_KERNEL_PROVIDER:
+            if with_graph:
+                rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                           bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
+                                           graph_calls=graph_calls))
+            continue
+        if provider == "fusedgpt-cuda" and not fusedgpt.extension_available():
+            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                         error="skipped: the CUDA extension is not available"))
+            continue
+        try:
+            function = provider_function(provider)
+        except Exception as error:
+            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                         error=common.short_error(error)))
+            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
+            continue
+
+        def step(index: int, function=function):
+            x_i, residual_i = inputs(index)
+            return function(x_i, residual_i, weight, bias)
+
+        def verify(step=step) -> str:
+            outputs = step(0)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            checks = [common.check_close(actual, wanted) for actual, wanted in zip(outputs, expected)]
+            if len(outputs) != len(expected):
+                checks.append(f"MISMATCH {len(outputs)} outputs, expected {len(expected)}")
+            bad = [check for check in checks if check != "ok"]
+            return "ok" if not bad else "; ".join(bad)
+
+        rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
+                                   bytes_moved=effective_bytes(tokens, hidden, has_residual, element_size),
+                                   step=step, with_graph=with_graph, graph_calls=graph_calls, verify=verify))
+    del input_sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser(__doc__)
+    args = parser.parse_args(argv)
+    dtypes = common.parse_dtypes(args.dtypes)
+    providers = common.parse_providers(args.providers, PROVIDERS)
+    common.require_gpu()
+    common.print_environment(FAMILY)
+    torch.manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for dtype in dtypes:
+            for case in benchmark_cases(args.quick):
+                print(f"{FAMILY}: tokens={case['tokens']} hidden={case['hidden']} residual={case['residual']} "
+                      f"{common.dtype_name(dtype)}", flush=True)
+                try:
+                    rows += run_case(case, dtype, providers, args.graph_calls)
+                except Exception as error:  # e.g. out of memory while building the inputs
+                    print(f"  ERROR building case: {common.short_error(error)}")
+                    torch.cuda.empty_cache()
+    common.finish(rows, FAMILY, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""Shared helpers for the bench/bench_<family>.py scripts (CONVENTIONS.md, "Benchmarks (bench/)").
+
+Why one module: every family must be timed, counted and recorded the same way, or its ratios mean
+nothing. It holds
+  - timing: `time_ms` (triton.testing.do_bench, median; do_bench also zeroes a 256 MB buffer before
+    every call, so each timed call starts from a cold L2) and `graph_us_per_call` (N calls captured in
+    one CUDA graph, replayed, timed with CUDA events: the launch-bound latency that matters for a
+    decode step of 1..16 tokens), plus an empty Triton kernel timed the same way as the floor;
+  - input rotation: `rotation_copy_count` / `rotated_copies` allocate enough copies of the inputs
+    (>= max(128 MiB, 2.5 x L2)) that cycling through them keeps small inputs out of L2;
+  - rows: `measure` (one provider x case, exceptions turned into an error row), `add_speedups`,
+    `print_table`, `print_speedups`;
+  - results: bench/results/<device-slug>.csv (rows of other families kept, this family's replaced)
+    and bench/results/<device-slug>_<family>.png (grouped bars of GB/s).
+
+torch.cuda is touched only inside functions, so `python bench/bench_<family>.py --help` works on a
+machine without a GPU. Written for torch >= 2.11 with triton >= 3.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import itertools
+import math
+import os
+import platform
+import re
+import statistics
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT_DIR = BENCH_DIR / "results"
+
+FUSEDGPT_PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton")
+EMPTY_KERNEL_PROVIDER = "empty-kernel"
+
+# do_bench budgets (ms of warm-up and of timed runs per measurement).
+DO_BENCH_WARMUP_MS = 25
+DO_BENCH_REP_MS = 100
+# CUDA-graph latency: calls captured in one graph, and timed replays of that graph (median taken).
+GRAPH_CALLS_PER_GRAPH = 100
+GRAPH_REPLAYS = 20
+GRAPH_WARMUP_CALLS = 3
+
+# Rotation: enough copies that one pass over them exceeds L2 (50 MB on an H100) at least 2.5 times.
+MIN_ROTATION_BYTES = 128 * 2**20
+MAX_ROTATION_COPIES = 65536
+# Each rotated copy starts on a 256-byte boundary, so vectorised kernels and inductor's alignment
+# assumptions see the same alignment as a fresh allocation.
+COPY_ALIGNMENT_BYTES = 256
+
+# Columns of bench/results/<device>.csv, in order. A family leaves the shape fields it has no use for
+# empty. ratio_vs_<peer> = peer ms / this ms (> 1: this provider is faster than the peer, same run);
+# graph_ratio_vs_<peer> is the same with the CUDA-graph latencies.
+PEERS = ("torch-compile", "torch-eager", "torch-copy-k-only")
+CSV_COLUMNS = (
+    ["family", "case", "provider", "dtype",
+     "tokens", "hidden", "residual", "activation",
+     "batch", "new_tokens", "heads", "head_dim", "max_len", "position",
+     "bytes", "ms", "us_graph", "gbps"]
+    + [f"ratio_vs_{peer.replace('-', '_')}" for peer in PEERS]
+    + [f"graph_ratio_vs_{peer.replace('-', '_')}" for peer in PEERS]
+    + ["check", "error", "device", "torch", "triton", "cuda", "python", "date"]
+)
+
+DTYPES_BY_NAME = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every bench script takes; a script adds its own before parsing."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes only (a smoke run)")
+    parser.add_argument("--dtypes", default="fp16,bf16",
+                        help="comma-separated dtypes among fp16, bf16 (default: fp16,bf16)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help=f"where the CSV and PNG go (default: {DEFAULT_OUT_DIR.relative_to(BENCH_DIR.parent)})")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers to run (default: all of this script's)")
+    parser.add_argument("--graph-calls", type=int, default=GRAPH_CALLS_PER_GRAPH,
+                        help=f"calls captured per CUDA graph for us_graph (default: {GRAPH_CALLS_PER_GRAPH})")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return parser
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    dtypes = []
+    for name in (part.strip().lower() for part in text.split(",")):
+        if not name:
+            continue
+        if name not in DTYPES_BY_NAME:
+            raise SystemExit(f"--dtypes: unknown dtype {name!r}; expected fp16 or bf16")
+        if DTYPES_BY_NAME[name] not in dtypes:
+            dtypes.append(DTYPES_BY_NAME[name])
+    if not dtypes:
+        raise SystemExit("--dtypes: no dtype given")
+    return dtypes
+
+
+def parse_providers(text: str | None, known: Sequence[str]) -> list[str]:
+    """The providers to run, in the script's order; unknown names are an error."""
+    if text is None:
+        return list(known)
+    wanted = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; this script has {list(known)}")
+    return [name for name in known if name in wanted]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def require_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU is visible: these benchmarks need one (try --help for the options)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and versions
+# ----------------------------------------------------------------------------------------------------
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def device_slug(name: str | None = None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the results file's name)."""
+    name = device_name() if name is None else name
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
+
+
+def environment_metadata() -> dict[str, str]:
+    """Device and versions, stamped on every row."""
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "",
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def l2_cache_bytes() -> int:
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(properties, "L2_cache_size", 0) or 50 * 2**20)
+
+
+def print_environment(family: str) -> None:
+    import fusedgpt
+
+    meta = environment_metadata()
+    print(f"bench {family}: {meta['device']} (L2 {l2_cache_bytes() / 2**20:.0f} MiB), torch {meta['torch']} "
+          f"(CUDA {meta['cuda']}), triton {meta['triton']}, python {meta['python']}, {meta['date']}")
+    if fusedgpt.extension_available():
+        print(f"fusedgpt CUDA extension built for {', '.join(fusedgpt.extension_cuda_archs())}")
+    else:
+        print(f"NOTE: fusedgpt-cuda is skipped: {fusedgpt.extension_unavailable_reason()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+def time_ms(function: Callable[[], object]) -> float:
+    """Median GPU time of one call in milliseconds (triton.testing.do_bench; L2 cleared before each call)."""
+    return float(triton.testing.do_bench(function, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS,
+                                         return_mode="median"))
+
+
+def graph_us_per_call(step: Callable[[int], object], *, calls_per_graph: int = GRAPH_CALLS_PER_GRAPH,
+                      replays: int = GRAPH_REPLAYS) -> float:
+    """Microseconds per call when `calls_per_graph` calls step(0), step(1), ... are captured in one CUDA
+    graph and the graph is replayed: the GPU-side latency of a call once CPU launch cost is gone, which
+    is what a graph-captured decode step pays. step(i) should use rotated input copy i.
+
+    The warm-up calls (JIT compilation, autotuning, torch.compile) run on the side stream that the capture
+    uses, as CUDA-graph capture requires."""
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for index in range(GRAPH_WARMUP_CALLS):
+            step(index)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side_stream):
+        for index in range(calls_per_graph):
+            step(index)
+    torch.cuda.synchronize()
+    graph.replay()  # the first replay uploads the graph; not timed
+    torch.cuda.synchronize()
+
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    replay_ms = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        replay_ms.append(start.elapsed_time(end))
+    graph.reset()
+    return statistics.median(replay_ms) * 1000.0 / calls_per_graph
+
+
+@triton.jit
+def _empty_kernel(
+    SCRATCH,  # [1] float32: the one element this kernel stores, so the launch is not optimised away
+):
+    tl.store(SCRATCH, 0.0)
+
+
+def empty_kernel_step() -> Callable[[int], None]:
+    """A step for `measure` / `graph_us_per_call` that launches the empty kernel: the floor any one-kernel
+    op can reach under graph replay (and under do_bench)."""
+    scratch = torch.zeros(1, dtype=torch.float32, device="cuda")
+
+    def step(index: int) -> None:
+        _empty_kernel[(1,)](scratch)
+
+    return step
+
+
+def compile_fresh(function: Callable) -> Callable:
+    """torch.compile(function, fullgraph=True, dynamic=False) in the default mode, after clearing dynamo's
+    caches: each case gets its own static-shape compile (the strongest compile for that shape) instead of
+    a dynamic-shape recompile, and many cases never reach dynamo's recompile limit."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    return torch.compile(function, fullgraph=True, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input rotation
+# ----------------------------------------------------------------------------------------------------
+
+def rotation_copy_count(bytes_per_copy: int, *, max_copies: int = MAX_ROTATION_COPIES) -> int:
+    """How many copies of `bytes_per_copy` bytes of inputs make one pass exceed max(128 MiB, 2.5 x L2)."""
+    target = max(MIN_ROTATION_BYTES, int(2.5 * l2_cache_bytes()))
+    return max(1, min(max_copies, math.ceil(target / max(1, bytes_per_copy))))
+
+
+def rotated_copies(tensors: Sequence[torch.Tensor], copies: int) -> list[tuple[torch.Tensor, ...]]:
+    """`copies` copies of `tensors` (each contiguous): entry i is a tuple of views, one per tensor, holding
+    that tensor's values. Each tensor's copies live in one buffer of their own (tensors never alias one
+    another), each copy 256-byte aligned."""
+    per_tensor_views = []
+    for tensor in tensors:
+        if not tensor.is_contiguous():
+            raise ValueError("rotated_copies: the template tensors must be contiguous")
+        numel = tensor.numel()
+        elements_per_alignment = max(1, COPY_ALIGNMENT_BYTES // tensor.element_size())
+        padded = max(1, math.ceil(numel / elements_per_alignment)) * elements_per_alignment
+        buffer = torch.empty((copies, padded), dtype=tensor.dtype, device=tensor.device)
+        buffer[:, :numel].copy_(tensor.reshape(1, numel).expand(copies, numel))
+        per_tensor_views.append([row[:numel].view(tensor.shape) for row in buffer.unbind(0)])
+    return list(zip(*per_tensor_views))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring one provider on one case
+# ----------------------------------------------------------------------------------------------------
+
+def short_error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_close(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    """'ok', or what differs: a quick guard that a timed provider computes the right thing (the tests hold
+    the real tolerance rules). Tolerances are a few units in the last place of fp16 / bf16."""
+    if actual.shape != expected.shape:
+        return f"MISMATCH shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tolerance = 6e-2 if expected.dtype == torch.bfloat16 else 1e-2
+    actual32, expected32 = actual.float(), expected.float()
+    if torch.allclose(actual32, expected32, rtol=tolerance, atol=tolerance):
+        return "ok"
+    return f"MISMATCH max_abs_err={(actual32 - expected32).abs().max().item():.3g}"
+
+
+def measure(*, family: str, case: str, provider: str, dtype: torch.dtype, fields: dict, bytes_moved: int,
+            step: Callable[[int], object], with_graph: bool, graph_calls: int,
+            verify: Callable[[], str] | None = None) -> dict:
+    """One row: verify (once; also triggers JIT / torch.compile), do_bench time, and the CUDA-graph latency
+    when `with_graph`. Any exception becomes the row's `error` (printed), never an abort of the run; a
+    graph failure keeps the do_bench time."""
+    row = {"family": family, "case": case, "provider": provider, "dtype": dtype_name(dtype), **fields,
+           "bytes": bytes_moved if bytes_moved else None}
+    errors = []
+    try:
+        if verify is not None:
+            row["check"] = verify()
+        counter = itertools.count()
+        row["ms"] = time_ms(lambda: step(next(counter)))
+        torch.cuda.synchronize()
+        if bytes_moved:
+            row["gbps"] = bytes_moved / (row["ms"] * 1e-3) / 1e9
+    except Exception as error:  # one failing provider must not stop the others
+        errors.append(short_error(error))
+    if with_graph and not errors:
+        try:
+            row["us_graph"] = graph_us_per_call(step, calls_per_graph=graph_calls)
+        except Exception as error:
+            errors.append("graph: " + short_error(error))
+    if errors:
+        row["error"] = " | ".join(errors)
+        print(f"  ERROR {family} {case} {row['dtype']} {provider}: {row['error']}")
+    return row
+
+
+def error_row(*, family: str, case: str, provider: str, dtype: torch.dtype, fields: dict, error: str) -> dict:
+    """A row that records why a provider has no numbers for this case (skipped, or failed to set up)."""
+    return {"family": family, "case": case, "provider": provider, "dtype": dtype_name(dtype), **fields,
+            "error": error}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Fills ratio_vs_<peer> (peer ms / row ms) and graph_ratio_vs_<peer> (peer us_graph / row us_graph)
+    for every row of the same (family, case, dtype) as a peer row measured in this run."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["family"], row["case"], row["dtype"]), {})[row["provider"]] = row
+    for providers in by_case.values():
+        for peer in PEERS:
+            peer_row = providers.get(peer)
+            if peer_row is None:
+                continue
+            column = peer.replace("-", "_")
+            for row in providers.values():
+                if row["provider"] == EMPTY_KERNEL_PROVIDER:
+                    continue
+                for time_key, prefix in (("ms", "ratio_vs_"), ("us_graph", "graph_ratio_vs_")):
+                    mine, theirs = row.get(time_key), peer_row.get(time_key)
+                    if mine and theirs:
+                        row[prefix + column] = theirs / mine
+
+
+def best_fusedgpt(providers: dict[str, dict], time_key: str) -> dict | None:
+    """The fusedgpt row with the lowest `time_key` among those measured without error."""
+    candidates = [providers[name] for name in FUSEDGPT_PROVIDERS
+                  if name in providers and providers[name].get(time_key) and not providers[name].get("error")]
+    return min(candidates, key=lambda row: row[time_key]) if candidates else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------------
+
+def _format(value, digits: int) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int]]) -> None:
+    """Plain aligned text. columns: (header, row key, digits for floats)."""
+    cells = [[header for header, _, _ in columns]]
+    cells += [[_format(row.get(key), digits) for _, key, digits in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line_number, line in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        if line_number == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+RESULT_COLUMNS = [("case", "case", 0), ("dtype", "dtype", 0), ("provider", "provider", 0), ("ms", "ms", 4),
+                  ("us_graph", "us_graph", 2), ("GB/s", "gbps", 1), ("x_compile", "ratio_vs_torch_compile", 2),
+                  ("x_eager", "ratio_vs_torch_eager", 2), ("check", "check", 0), ("error", "error", 0)]
+
+
+def print_speedups(rows: Sequence[dict], peers: Sequence[str] = ("torch-compile", "torch-eager")) -> None:
+    """Per case: the best fusedgpt provider and its speedup (peer time / its time) over each peer, from
+    do_bench times and, where measured, from CUDA-graph latencies."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
+    summary = []
+    for (case, dtype), providers in by_case.items():
+        line = {"case": case, "dtype": dtype}
+        for time_key, label in (("ms", ""), ("us_graph", "graph ")):
+            best = best_fusedgpt(providers, time_key)
+            if best is None:
+                continue
+            line[f"{label}best"] = best["provider"].replace("fusedgpt-", "")
+            for peer in peers:
+                peer_row = providers.get(peer)
+                if peer_row and peer_row.get(time_key):
+                    line[f"{label}x {peer}"] = peer_row[time_key] / best[time_key]
+        summary.append(line)
+    keys = []
+    for line in summary:
+        keys += [key for key in line if key not in keys]
+    print("\nSpeedup of the best fusedgpt provider (peer time / fusedgpt time; > 1 = fusedgpt faster):")
+    print_table(summary, [(key, key, 2) for key in keys])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: CSV and PNG
+# ----------------------------------------------------------------------------------------------------
+
+def results_csv_path(out_dir: Path | str = DEFAULT_OUT_DIR) -> Path:
+    return Path(out_dir) / f"{device_slug()}.csv"
+
+
+def write_results_csv(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_OUT_DIR) -> Path:
+    """Writes bench/results/<device-slug>.csv: this family's rows replace its old ones, other families'
+    rows are kept. Every row is stamped with the device and versions."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = results_csv_path(out_dir)
+    kept, columns = [], list(CSV_COLUMNS)
+    if path.exists():
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns += [name for name in (reader.fieldnames or []) if name not in columns]
+            kept = [row for row in reader if row.get("family") != family]
+    meta = environment_metadata()
+    new_rows = [{**meta, **row} for row in rows]
+    for row in new_rows:
+        columns += [name for name in row if name not in columns]
+    temporary = path.with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        for row in kept + new_rows:
+            writer.writerow({key: _csv_value(value) for key, value in row.items()})
+    os.replace(temporary, path)
+    return path
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def plot_gbps(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_OUT_DIR) -> Path | None:
+    """bench/results/<device-slug>_<family>.png: grouped bars of GB/s, one group per case, one bar per
+    provider, one panel per dtype (log scale: 1-token and 16384-token cases differ by orders of
+    magnitude). Returns None (with a note) when matplotlib is missing or nothing was measured."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        print(f"NOTE: no plot for {family}: matplotlib is not available ({error})")
+        return None
+    measured = [row for row in rows if row.get("gbps")]
+    if not measured:
+        print(f"NOTE: no plot for {family}: no GB/s was measured")
+        return None
+    dtypes = list(dict.fromkeys(row["dtype"] for row in measured))
+    providers = list(dict.fromkeys(row["provider"] for row in measured))
+    cases_by_dtype = {dtype: list(dict.fromkeys(row["case"] for row in measured if row["dtype"] == dtype))
+                      for dtype in dtypes}
+    gbps = {(row["dtype"], row["case"], row["provider"]): row["gbps"] for row in measured}
+    most_cases = max(len(cases) for cases in cases_by_dtype.values())
+    width_inches = min(40.0, max(8.0, 0.14 * most_cases * len(providers) + 2.0))
+    figure, axes = plt.subplots(len(dtypes), 1, figsize=(width_inches, 4.2 * len(dtypes)), squeeze=False)
+    bar_width = 0.8 / len(providers)
+    for axis, dtype in zip(axes[:, 0], dtypes):
+        cases = cases_by_dtype[dtype]
+        for index, provider in enumerate(providers):
+            positions = [case_index + (index - (len(providers) - 1) / 2) * bar_width
+                         for case_index in range(len(cases))]
+            heights = [gbps.get((dtype, case, provider), 0.0) for case in cases]
+            axis.bar(positions, heights, width=bar_width, label=provider)
+        axis.set_xticks(range(len(cases)))
+        axis.set_xticklabels(cases, rotation=60, ha="right", fontsize=8)
+        axis.set_yscale("log")
+        axis.set_ylabel("GB/s (effective)")
+        axis.set_title(f"{family}, {dtype}", fontsize=10)
+        axis.grid(axis="y", which="both", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(providers), fontsize=9)
+    meta = environment_metadata()
+    figure.suptitle(f"{family}: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date'][:10]}",
+                    fontsize=11)
+    figure.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_slug()}_{family}.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def finish(rows: list[dict], family: str, args: argparse.Namespace,
+           speedup_peers: Iterable[str] = ("torch-compile", "torch-eager")) -> None:
+    """The end of every bench script: ratios, printed table and speedups, CSV, PNG."""
+    add_speedups(rows)
+    print()
+    print_table(rows, RESULT_COLUMNS)
+    print_speedups(rows, tuple(speedup_peers))
+    path = write_results_csv(rows, family, args.out_dir)
+    print(f"\nwrote {path}")
+    if not args.no_plot:
+        try:
+            plot = plot_gbps(rows, family, args.out_dir)
+        except Exception as error:  # a broken plot must not lose the CSV
+            print(f"NOTE: plot failed: {short_error(error)}")
+            plot = None
+        if plot is not None:
+            print(f"wrote {plot}")

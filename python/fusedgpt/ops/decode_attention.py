@@ -1,0 +1,163 @@
+"""decode_attention: attention of a few new tokens per sequence over a static KV cache, with the
+KV-cache append fused into the same launch, split along the keys so a single long sequence fills the GPU.
+
+Contract (CONVENTIONS.md): `decode_attention_reference` is the specification; `decode_attention`
+validates, picks a backend and runs it. GPU path: fusedgpt::decode_attention_triton
+(triton_kernels/decode_attention.py), a custom op that declares the cache mutation. The hand-written CUDA
+kernel (csrc/decode_attention/) is not written yet: the "cuda" backend is unavailable for this family.
+
+Out-of-range policy (as kv_append): new tokens that would not fit (cache_lens[b] + T > S_max) are not
+written, but are still attended to. The caller learns of it as a ValueError when cache_lens is a CPU
+tensor, or with check=True (one device sync); inside a captured step the caller owns the bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
+                                  needs_autograd)
+from fusedgpt.ops.attention import MAX_HEAD_DIM, attention_reference
+from fusedgpt.ops.kv_append import kv_append_reference
+from fusedgpt.triton_kernels.attention import default_scale
+from fusedgpt.triton_kernels.decode_attention import decode_attention_fwd
+
+Tensor = torch.Tensor
+
+MAX_NEW_TOKENS = 16
+
+
+def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, *,
+                               k: Tensor | None = None, v: Tensor | None = None, window: int | None = None,
+                               scale: float | None = None, kv_start: Tensor | None = None) -> Tensor:
+    """The specification (reads cache_lens on the host). Sequence b's keys are the cache's first
+    cache_lens[b] entries followed, when k and v are given, by the T new tokens, which are also written
+    into the caches at cache_lens[b] .. cache_lens[b] + T - 1 if they fit. The T queries are the last T
+    positions of that sequence, causal among themselves; window and kv_start as in attention_reference."""
+    batch, tokens = q.shape[:2]
+    max_len = k_cache.shape[1]
+    lengths = cache_lens.tolist()
+    starts = kv_start.tolist() if kv_start is not None else [0] * batch
+    outputs = []
+    for b in range(batch):
+        cached = min(max(lengths[b], 0), max_len)
+        keys, values = k_cache[b:b + 1, :cached], v_cache[b:b + 1, :cached]  # (1, cached, H, D)
+        if k is not None:
+            keys, values = torch.cat([keys, k[b:b + 1]], dim=1), torch.cat([values, v[b:b + 1]], dim=1)
+        missing = max(tokens - keys.shape[1], 0)  # queries before the sequence start see nothing
+        if missing:
+            keys = torch.cat([keys.new_zeros(1, missing, *keys.shape[2:]), keys], dim=1)
+            values = torch.cat([values.new_zeros(1, missing, *values.shape[2:]), values], dim=1)
+        start = torch.tensor([max(starts[b] + missing, missing)], dtype=torch.int32)
+        outputs.append(attention_reference(q[b:b + 1], keys, values, causal=True, window=window, scale=scale,
+                                           kv_start=start))
+    if k is not None:
+        kv_append_reference(k_cache, v_cache, k, v, cache_lens)
+    return torch.cat(outputs, dim=0)  # (B, T, H, D)
+
+
+@torch.library.custom_op("fusedgpt::decode_attention_triton", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, k: Tensor | None,
+                             v: Tensor | None, window: int | None, scale: float, kv_start: Tensor | None,
+                             num_splits: int | None) -> Tensor:
+    return decode_attention_fwd(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start, num_splits)
+
+
+@_decode_attention_triton.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start, num_splits):
+    return q.new_empty(q.shape)
+
+
+def _check_lengths(op: str, name: str, value, batch: int, device: torch.device) -> None:
+    check_tensor(op, name, value, rank=1)
+    if value.dtype != torch.int32:
+        raise TypeError(f"fusedgpt.ops.{op}: {name} must be int32, got {value.dtype}")
+    if value.shape[0] != batch:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [{batch}] (one per sequence), "
+                         f"got {tuple(value.shape)}")
+    if value.device != device and value.device.type != "cpu":
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must be on the CPU or on the device of q ({device}), "
+                         f"got {value.device}")
+
+
+def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> None:
+    op = "decode_attention"
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    if (k is None) != (v is None):
+        raise ValueError("fusedgpt.ops.decode_attention: give both k and v (to append), or neither")
+    if k is not None:
+        tensors += [("k", k), ("v", v)]
+    for name, tensor in tensors:
+        check_tensor(op, name, tensor, rank=4)
+        check_float(op, name, tensor)
+        check_unit_last_stride(op, name, tensor)
+        check_like(op, name, tensor, "q", q)
+    check_like(op, "v_cache", v_cache, "k_cache", k_cache, shape=True)
+    batch, tokens, heads, dim = q.shape
+    if (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"fusedgpt.ops.decode_attention: k_cache must have shape [B, S_max, H, D] = "
+                         f"[{batch}, S_max, {heads}, {dim}] to match q, got {tuple(k_cache.shape)}")
+    if not 1 <= tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"fusedgpt.ops.decode_attention: q must hold 1 to {MAX_NEW_TOKENS} tokens per sequence, "
+                         f"got {tokens} (use fusedgpt.ops.attention for prompts)")
+    if k is not None:
+        check_like(op, "k", k, "q", q, shape=True)
+        check_like(op, "v", v, "q", q, shape=True)
+        if tokens > k_cache.shape[1]:
+            raise ValueError(f"fusedgpt.ops.decode_attention: the cache is too small: {tokens} new tokens, "
+                             f"k_cache holds at most {k_cache.shape[1]}")
+    _check_lengths(op, "cache_lens", cache_lens, batch, q.device)
+    if kv_start is not None:
+        _check_lengths(op, "kv_start", kv_start, batch, q.device)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"fusedgpt.ops.decode_attention: window must be a positive int or None, got {window!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"fusedgpt.ops.decode_attention: scale must be a number or None, got {type(scale).__name__}")
+
+
+def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appending: bool) -> None:
+    """Host check of cache_lens (reads them: a device sync when they live on a GPU)."""
+    limit = max_len - tokens if appending else max_len
+    bad = ((cache_lens < 0) | (cache_lens > limit)).nonzero().flatten().tolist()
+    if bad:
+        values = cache_lens.tolist()
+        listed = ", ".join(f"cache_lens[{b}] = {values[b]}" for b in bad[:8])
+        need = f"appending {tokens} tokens to a cache of length {max_len} needs" if appending else "needs"
+        raise ValueError(f"fusedgpt.ops.decode_attention: {listed} out of range: {need} "
+                         f"0 <= cache_lens[b] <= {limit}")
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, *, k: Tensor | None = None,
+                     v: Tensor | None = None, window: int | None = None, scale: float | None = None,
+                     kv_start: Tensor | None = None, check: bool = False, backend: str | None = None,
+                     num_splits: int | None = None) -> Tensor:
+    """Attention of T new tokens per sequence over the KV cache, with the append fused in.
+
+    q [B, T, H, D], 1 <= T <= 16; k_cache, v_cache [B, S_max, H, D]; any strides with unit stride on D
+    ([B, H, S, D] caches viewed as [B, S, H, D] work). cache_lens int32 [B]: tokens already cached when
+    the call begins. k, v [B, T, H, D] (optional): written into the caches at cache_lens[b] ..
+    cache_lens[b] + T - 1 by the same launch and attended to; the caller advances cache_lens afterwards.
+    The queries are the last T positions of the resulting sequence, causal among themselves. window=W:
+    a query at position p sees keys in (p - W, p] only, and only those are read. kv_start int32 [B]: keys
+    before it are padding. scale defaults to D^-0.5. Returns a contiguous [B, T, H, D].
+    No host synchronisation on the device path (launch shape from host values only), so a decode step is
+    capturable in a CUDA graph and replayable with new cache_lens kept on the device.
+    num_splits overrides the number of key splits (for tests and tuning)."""
+    _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
+    tokens, max_len = q.shape[1], k_cache.shape[1]
+    if not torch.compiler.is_compiling() and (check or cache_lens.device.type == "cpu"):
+        _check_lengths_in_range(cache_lens, tokens, max_len, appending=k is not None)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    cache_lens = cache_lens.to(q.device)
+    kv_start = kv_start.to(q.device) if kv_start is not None else None
+    unsupported = kernel_limits(q)
+    unsupported.setdefault("cuda", "the hand-written CUDA decode attention kernel is not built yet")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
+    chosen = "torch" if needs_autograd(q, k, v) else choose_backend("decode_attention", q.device, backend,
+                                                                      unsupported=unsupported)
+    if chosen == "torch":
+        return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
+                                          kv_start=kv_start)
+    return _decode_attention_triton(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start, num_splits)
