@@ -8,10 +8,14 @@ nothing. It holds
     decode step of 1..16 tokens), plus an empty Triton kernel timed the same way as the floor;
   - input rotation: `rotation_copy_count` / `rotated_copies` allocate enough copies of the inputs
     (>= max(128 MiB, 2.5 x L2)) that cycling through them keeps small inputs out of L2;
-  - rows: `measure` (one provider x case, exceptions turned into an error row), `add_speedups`,
+  - rows: `measure` (one provider x case, exceptions turned into an error row; GB/s from a byte count
+    and, for compute-bound families such as attention, TFLOP/s from a FLOP count), `add_speedups`,
     `print_table`, `print_speedups`;
-  - results: bench/results/<device-slug>.csv (rows of other families kept, this family's replaced)
-    and bench/results/<device-slug>_<family>.png (grouped bars of GB/s).
+  - results: bench/results/<device-slug>.csv (rows of other families kept, this family's replaced, or
+    with --merge only the (case, dtype, provider) rows measured again) and
+    bench/results/<device-slug>_<family>.png (grouped bars of GB/s, or of another metric such as
+    TFLOP/s); `stack_pngs` joins several families' PNGs into one (bench/run_gpu.sh brings back only a
+    few files).
 
 torch.cuda is touched only inside functions, so `python bench/bench_<family>.py --help` works on a
 machine without a GPU. Written for torch >= 2.11 with triton >= 3.6.
@@ -58,13 +62,17 @@ COPY_ALIGNMENT_BYTES = 256
 
 # Columns of bench/results/<device>.csv, in order. A family leaves the shape fields it has no use for
 # empty. ratio_vs_<peer> = peer ms / this ms (> 1: this provider is faster than the peer, same run);
-# graph_ratio_vs_<peer> is the same with the CUDA-graph latencies.
-PEERS = ("torch-compile", "torch-eager", "torch-copy-k-only")
+# graph_ratio_vs_<peer> is the same with the CUDA-graph latencies. PEERS is the union over the families
+# (a family fills only the columns of the peers it runs): the memory-bound ops' torch baselines, the
+# attention peers (SDPA's backends, FlexAttention, flash-attn) and decode attention's SDPA.
+PEERS = ("torch-compile", "torch-eager", "torch-copy-k-only",
+         "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex-attention", "flash-attn", "sdpa")
 CSV_COLUMNS = (
     ["family", "case", "provider", "dtype",
      "tokens", "hidden", "residual", "activation",
      "batch", "new_tokens", "heads", "head_dim", "max_len", "position",
-     "bytes", "ms", "us_graph", "gbps"]
+     "seq_len", "cache_len", "window", "scale", "mask",
+     "bytes", "flops", "ms", "us", "us_graph", "gbps", "tflops"]
     + [f"ratio_vs_{peer.replace('-', '_')}" for peer in PEERS]
     + [f"graph_ratio_vs_{peer.replace('-', '_')}" for peer in PEERS]
     + ["check", "error", "device", "torch", "triton", "cuda", "python", "date"]
@@ -93,6 +101,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--graph-calls", type=int, default=GRAPH_CALLS_PER_GRAPH,
                         help=f"calls captured per CUDA graph for us_graph (default: {GRAPH_CALLS_PER_GRAPH})")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep this family's earlier rows in the CSV, replacing only the (case, dtype, "
+                             "provider) rows measured again (to split one family's run over several calls)")
     return parser
 
 
@@ -298,12 +309,15 @@ def check_close(actual: torch.Tensor, expected: torch.Tensor) -> str:
 
 def measure(*, family: str, case: str, provider: str, dtype: torch.dtype, fields: dict, bytes_moved: int,
             step: Callable[[int], object], with_graph: bool, graph_calls: int,
-            verify: Callable[[], str] | None = None) -> dict:
+            verify: Callable[[], str] | None = None, flops: int = 0) -> dict:
     """One row: verify (once; also triggers JIT / torch.compile), do_bench time, and the CUDA-graph latency
-    when `with_graph`. Any exception becomes the row's `error` (printed), never an abort of the run; a
-    graph failure keeps the do_bench time."""
+    when `with_graph`. GB/s from `bytes_moved`, TFLOP/s from `flops` (each only when non-zero). Any
+    exception becomes the row's `error` (printed), never an abort of the run; a graph failure keeps the
+    do_bench time."""
     row = {"family": family, "case": case, "provider": provider, "dtype": dtype_name(dtype), **fields,
            "bytes": bytes_moved if bytes_moved else None}
+    if flops:
+        row["flops"] = flops
     errors = []
     try:
         if verify is not None:
@@ -313,6 +327,8 @@ def measure(*, family: str, case: str, provider: str, dtype: torch.dtype, fields
         torch.cuda.synchronize()
         if bytes_moved:
             row["gbps"] = bytes_moved / (row["ms"] * 1e-3) / 1e9
+        if flops:
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     except Exception as error:  # one failing provider must not stop the others
         errors.append(short_error(error))
     if with_graph and not errors:
@@ -332,14 +348,14 @@ def error_row(*, family: str, case: str, provider: str, dtype: torch.dtype, fiel
             "error": error}
 
 
-def add_speedups(rows: list[dict]) -> None:
+def add_speedups(rows: list[dict], peers: Sequence[str] = PEERS) -> None:
     """Fills ratio_vs_<peer> (peer ms / row ms) and graph_ratio_vs_<peer> (peer us_graph / row us_graph)
     for every row of the same (family, case, dtype) as a peer row measured in this run."""
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         by_case.setdefault((row["family"], row["case"], row["dtype"]), {})[row["provider"]] = row
     for providers in by_case.values():
-        for peer in PEERS:
+        for peer in peers:
             peer_row = providers.get(peer)
             if peer_row is None:
                 continue
@@ -422,9 +438,12 @@ def results_csv_path(out_dir: Path | str = DEFAULT_OUT_DIR) -> Path:
     return Path(out_dir) / f"{device_slug()}.csv"
 
 
-def write_results_csv(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_OUT_DIR) -> Path:
+def write_results_csv(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_OUT_DIR, *,
+                      merge: bool = False) -> Path:
     """Writes bench/results/<device-slug>.csv: this family's rows replace its old ones, other families'
-    rows are kept. Every row is stamped with the device and versions."""
+    rows are kept. With merge=True only this family's old rows with the (case, dtype, provider) of a new
+    row are replaced (a family measured in several calls). Every row is stamped with the device and
+    versions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_csv_path(out_dir)
@@ -433,7 +452,12 @@ def write_results_csv(rows: Sequence[dict], family: str, out_dir: Path | str = D
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
             columns += [name for name in (reader.fieldnames or []) if name not in columns]
-            kept = [row for row in reader if row.get("family") != family]
+            if merge:
+                measured = {(row["case"], row["dtype"], row["provider"]) for row in rows}
+                kept = [row for row in reader if row.get("family") != family
+                        or (row.get("case"), row.get("dtype"), row.get("provider")) not in measured]
+            else:
+                kept = [row for row in reader if row.get("family") != family]
     meta = environment_metadata()
     new_rows = [{**meta, **row} for row in rows]
     for row in new_rows:
@@ -460,6 +484,14 @@ def plot_gbps(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_O
     """bench/results/<device-slug>_<family>.png: grouped bars of GB/s, one group per case, one bar per
     provider, one panel per dtype (log scale: 1-token and 16384-token cases differ by orders of
     magnitude). Returns None (with a note) when matplotlib is missing or nothing was measured."""
+    return plot_metric(rows, family, out_dir)
+
+
+def plot_metric(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_OUT_DIR, *, key: str = "gbps",
+                label: str = "GB/s (effective)", log_scale: bool = True) -> Path | None:
+    """bench/results/<device-slug>_<family>.png: grouped bars of row[key] (GB/s by default; e.g. "tflops"
+    for attention), one group per case, one bar per provider, one panel per dtype. Returns None (with a
+    note) when matplotlib is missing or nothing was measured."""
     try:
         import matplotlib
 
@@ -468,15 +500,15 @@ def plot_gbps(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_O
     except ImportError as error:
         print(f"NOTE: no plot for {family}: matplotlib is not available ({error})")
         return None
-    measured = [row for row in rows if row.get("gbps")]
+    measured = [row for row in rows if row.get(key)]
     if not measured:
-        print(f"NOTE: no plot for {family}: no GB/s was measured")
+        print(f"NOTE: no plot for {family}: no {label} was measured")
         return None
     dtypes = list(dict.fromkeys(row["dtype"] for row in measured))
     providers = list(dict.fromkeys(row["provider"] for row in measured))
     cases_by_dtype = {dtype: list(dict.fromkeys(row["case"] for row in measured if row["dtype"] == dtype))
                       for dtype in dtypes}
-    gbps = {(row["dtype"], row["case"], row["provider"]): row["gbps"] for row in measured}
+    values = {(row["dtype"], row["case"], row["provider"]): row[key] for row in measured}
     most_cases = max(len(cases) for cases in cases_by_dtype.values())
     width_inches = min(40.0, max(8.0, 0.14 * most_cases * len(providers) + 2.0))
     figure, axes = plt.subplots(len(dtypes), 1, figsize=(width_inches, 4.2 * len(dtypes)), squeeze=False)
@@ -486,12 +518,13 @@ def plot_gbps(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_O
         for index, provider in enumerate(providers):
             positions = [case_index + (index - (len(providers) - 1) / 2) * bar_width
                          for case_index in range(len(cases))]
-            heights = [gbps.get((dtype, case, provider), 0.0) for case in cases]
+            heights = [values.get((dtype, case, provider), 0.0) for case in cases]
             axis.bar(positions, heights, width=bar_width, label=provider)
         axis.set_xticks(range(len(cases)))
         axis.set_xticklabels(cases, rotation=60, ha="right", fontsize=8)
-        axis.set_yscale("log")
-        axis.set_ylabel("GB/s (effective)")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.set_ylabel(label)
         axis.set_title(f"{family}, {dtype}", fontsize=10)
         axis.grid(axis="y", which="both", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -508,20 +541,74 @@ def plot_gbps(rows: Sequence[dict], family: str, out_dir: Path | str = DEFAULT_O
     return path
 
 
+def _family_rows_from_csv(path: Path, family: str, key: str) -> list[dict]:
+    """This family's rows of a results CSV, with `key` as a float (None where empty), for plotting."""
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("family") == family]
+    for row in rows:
+        try:
+            row[key] = float(row.get(key) or "")
+        except ValueError:
+            row[key] = None
+    return rows
+
+
 def finish(rows: list[dict], family: str, args: argparse.Namespace,
-           speedup_peers: Iterable[str] = ("torch-compile", "torch-eager")) -> None:
-    """The end of every bench script: ratios, printed table and speedups, CSV, PNG."""
+           speedup_peers: Iterable[str] = ("torch-compile", "torch-eager"), *,
+           columns: Sequence[tuple[str, str, int]] = RESULT_COLUMNS, plot_key: str = "gbps",
+           plot_label: str = "GB/s (effective)", plot_log_scale: bool = True) -> None:
+    """The end of every bench script: ratios, printed table (`columns`) and speedups, CSV, PNG of
+    `plot_key`."""
     add_speedups(rows)
     print()
-    print_table(rows, RESULT_COLUMNS)
+    print_table(rows, columns)
     print_speedups(rows, tuple(speedup_peers))
-    path = write_results_csv(rows, family, args.out_dir)
+    merge = getattr(args, "merge", False)
+    path = write_results_csv(rows, family, args.out_dir, merge=merge)
     print(f"\nwrote {path}")
     if not args.no_plot:
         try:
-            plot = plot_gbps(rows, family, args.out_dir)
+            # With --merge the plot shows every row of the family now in the CSV, not only this run's.
+            plot_rows = _family_rows_from_csv(path, family, plot_key) if merge else rows
+            plot = plot_metric(plot_rows, family, args.out_dir, key=plot_key, label=plot_label,
+                               log_scale=plot_log_scale)
         except Exception as error:  # a broken plot must not lose the CSV
             print(f"NOTE: plot failed: {short_error(error)}")
             plot = None
         if plot is not None:
             print(f"wrote {plot}")
+
+
+def stack_pngs(paths: Sequence[Path | str], out_path: Path | str) -> Path | None:
+    """Stacks PNG images vertically (left-aligned, white padding) into `out_path`, so several families'
+    plots come back from the GPU machine as one file. Missing paths are skipped; returns None when none
+    is left or matplotlib is missing."""
+    paths = [Path(path) for path in paths if Path(path).is_file()]
+    if not paths:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.image as mpimg
+        import numpy as np
+    except ImportError as error:
+        print(f"NOTE: no stacked plot: matplotlib is not available ({error})")
+        return None
+    images = []
+    for path in paths:
+        image = mpimg.imread(path)  # float32 in [0, 1] for PNGs: (h, w), (h, w, 3) or (h, w, 4)
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        if image.shape[2] == 3:
+            image = np.concatenate([image, np.ones(image.shape[:2] + (1,), dtype=image.dtype)], axis=-1)
+        images.append(image.astype(np.float32))
+    width = max(image.shape[1] for image in images)
+    padded = []
+    for image in images:
+        pad = np.ones((image.shape[0], width - image.shape[1], 4), dtype=np.float32)
+        padded.append(np.concatenate([image, pad], axis=1))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    mpimg.imsave(out_path, np.concatenate(padded, axis=0))
+    return out_path

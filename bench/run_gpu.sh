@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
 # The one script run on the GPU machine, from the repository root: build and install fusedgpt (CUDA
 # extension for sm_90), `fusedgpt info`, the GPU tests, compute-sanitizer memcheck and racecheck over
-# every op (bench/sanitize_ops.py), then the three op benchmarks. Everything worth keeping lands in
-# $OUT (default ./gpu_out), kept to 7 files because only a few come back from the machine:
+# every op (bench/sanitize_ops.py), then the op benchmarks (bench/bench_<family>.py). Everything worth
+# keeping lands in $OUT (default ./gpu_out), kept to at most 7 files (8 while a sanitizer run is in
+# flight) because at most 8 come back from the machine:
 #   build.log        pip install output
 #   pytest_gpu.log   pytest -m gpu -q
 #   logs.txt         fusedgpt info, sanitizer reports, benchmark output, the final summary
-#   <device>.csv     bench/results/<device>.csv (all three families)
-#   <device>_<family>.png  one GB/s plot per family (3 files)
+#   <device>.csv     bench/results/<device>.csv (every family)
+#   <device>_attention.png          TFLOP/s of bench_attention.py
+#   <device>_decode_attention.png   GB/s of bench_decode_attention.py
+#   <device>_other_families.png     the other families' GB/s plots (layer_norm, bias_act, kv_append)
+#                                   stacked into one image (common.stack_pngs); each family's own PNG
+#                                   stays in bench/results/
+# Only PNGs written by this run are brought back (none left from an earlier run).
 # Exits with pytest's status (5 means no GPU test was collected); sanitizer and benchmark failures are
-# reported in the summary. Optional environment: BENCH_ARGS (e.g. "--quick", passed to every benchmark
-# script), BENCH_FAMILIES (default "layer_norm bias_act kv_append"), SANITIZER_TIMEOUT_S (default 600
-# per tool). The CSV and PNGs are copied into $OUT after each benchmark script, so a run cut short
-# still returns what it measured.
+# reported in the summary. Optional environment:
+#   BENCH_FAMILIES   default "layer_norm bias_act kv_append attention decode_attention"
+#   BENCH_ARGS       passed to every benchmark script, e.g. "--quick" (each script's smoke run, well
+#                    under a minute of GPU time), "--dtypes bf16", "--merge" (keep the family's earlier
+#                    CSV rows other than those measured again)
+#   BENCH_ONLY=1     skip pytest and compute-sanitizer (install, fusedgpt info, benchmarks only)
+#   SANITIZER_TIMEOUT_S  default 600 per tool
+# Run time: one command on the GPU machine gets 10 minutes. The memory-bound families and the two
+# attention families with --quick fit after the tests; a full bench_attention.py (26 cases x 2 dtypes,
+# a flex-attention compile and a Triton autotune per case) needs a call of its own, e.g.
+#   BENCH_ONLY=1 BENCH_FAMILIES=attention BENCH_ARGS="--dtypes bf16" bench/run_gpu.sh
+# (and --merge with --dtypes fp16 in the next call, carrying that CSV along). The CSV and PNGs are
+# copied into $OUT after each benchmark script, so a run cut short still returns what it measured.
 set -uo pipefail
 
 OUT="${OUT:-./gpu_out}"
@@ -23,7 +38,8 @@ LOG="$OUT/logs.txt"
 : > "$LOG"
 PYTHON="$(command -v python || command -v python3)"
 BENCH_ARGS="${BENCH_ARGS:-}"
-FAMILIES="${BENCH_FAMILIES:-layer_norm bias_act kv_append}"
+FAMILIES="${BENCH_FAMILIES:-layer_norm bias_act kv_append attention decode_attention}"
+BENCH_ONLY="${BENCH_ONLY:-0}"
 
 section() { printf '\n===== %s =====\n' "$*" | tee -a "$LOG"; }
 STATUS_LINES=""
@@ -45,10 +61,16 @@ INFO_STATUS=${PIPESTATUS[0]}
 record "fusedgpt info" "exit $INFO_STATUS"
 
 section "pytest -m gpu -q"
-"$PYTHON" -m pytest -m gpu -q > "$OUT/pytest_gpu.log" 2>&1
-PYTEST_STATUS=$?
-tail -n 15 "$OUT/pytest_gpu.log" | tee -a "$LOG"
-record "pytest -m gpu" "exit $PYTEST_STATUS"
+if [ "$BENCH_ONLY" = "1" ]; then
+  echo "skipped (BENCH_ONLY=1)" | tee -a "$LOG"
+  PYTEST_STATUS=0
+  record "pytest -m gpu" "skipped (BENCH_ONLY=1)"
+else
+  "$PYTHON" -m pytest -m gpu -q > "$OUT/pytest_gpu.log" 2>&1
+  PYTEST_STATUS=$?
+  tail -n 15 "$OUT/pytest_gpu.log" | tee -a "$LOG"
+  record "pytest -m gpu" "exit $PYTEST_STATUS"
+fi
 
 section "compute-sanitizer"
 SANITIZER="$(command -v compute-sanitizer || true)"
@@ -56,7 +78,11 @@ for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
                  "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
   if [ -z "$SANITIZER" ] && [ -x "$candidate" ]; then SANITIZER="$candidate"; fi
 done
-if [ -z "$SANITIZER" ]; then
+if [ "$BENCH_ONLY" = "1" ]; then
+  echo "skipped (BENCH_ONLY=1)" | tee -a "$LOG"
+  record "memcheck" "skipped (BENCH_ONLY=1)"
+  record "racecheck" "skipped (BENCH_ONLY=1)"
+elif [ -z "$SANITIZER" ]; then
   echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): skipped" | tee -a "$LOG"
   record "memcheck" "skipped (no compute-sanitizer)"
   record "racecheck" "skipped (no compute-sanitizer)"
@@ -87,7 +113,28 @@ fi
 
 section "benchmarks ${BENCH_ARGS}"
 SLUG="$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import common; print(common.device_slug())' 2>>"$LOG")"
-CSV="bench/results/${SLUG:-unknown-device}.csv"
+SLUG="${SLUG:-unknown-device}"
+CSV="bench/results/${SLUG}.csv"
+# PNGs newer than this stamp were written by this run; older ones (committed, or from an earlier run) stay.
+STAMP="$(mktemp)"
+DONE_FAMILIES=""
+copy_plots() {
+  # attention and decode_attention: their own PNG; every other family's PNG: stacked into one file.
+  local family png others=()
+  for family in $DONE_FAMILIES; do
+    png="bench/results/${SLUG}_${family}.png"
+    if [ ! -f "$png" ] || [ ! "$png" -nt "$STAMP" ]; then continue; fi
+    case "$family" in
+      attention|decode_attention) cp "$png" "$OUT/" ;;
+      *) others+=("$png") ;;
+    esac
+  done
+  if [ "${#others[@]}" -gt 0 ]; then
+    "$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import common; common.stack_pngs(sys.argv[2:], sys.argv[1])' \
+      "$OUT/${SLUG}_other_families.png" "${others[@]}" >> "$LOG" 2>&1 \
+      || echo "stacking the PNGs of ${others[*]} failed" | tee -a "$LOG"
+  fi
+}
 for family in $FAMILIES; do
   echo "--- bench_${family}.py (at ${SECONDS}s)" | tee -a "$LOG"
   # shellcheck disable=SC2086  # BENCH_ARGS holds several flags on purpose
@@ -96,9 +143,11 @@ for family in $FAMILIES; do
   echo "bench_${family}.py: exit $status (at ${SECONDS}s)" | tee -a "$LOG"
   record "bench_${family}" "exit $status"
   # Copied after every script, so a run cut short still brings back what it measured.
+  DONE_FAMILIES="$DONE_FAMILIES $family"
   if [ -f "$CSV" ]; then cp "$CSV" "$OUT/"; fi
-  if [ -f "bench/results/${SLUG}_${family}.png" ]; then cp "bench/results/${SLUG}_${family}.png" "$OUT/"; fi
+  copy_plots
 done
+rm -f "$STAMP"
 if [ ! -f "$CSV" ]; then
   echo "no results CSV found at $CSV" | tee -a "$LOG"
   CSV=""
@@ -110,47 +159,60 @@ section "summary"
   if [ -n "$CSV" ]; then
     echo
     "$PYTHON" - "$CSV" <<'PYTHON_SUMMARY'
-# Per case: the best fusedgpt provider (by do_bench time) and its GB/s and speedups (peer / fusedgpt time);
-# where CUDA-graph latencies exist, the best fusedgpt us_graph next to the peers' and the empty kernel's.
+# One table per family. Per case: the best fusedgpt provider (by do_bench time), its TFLOP/s (attention)
+# or GB/s, its speedup over each peer of that family (peer time / fusedgpt time, > 1 = fusedgpt faster),
+# and where CUDA-graph latencies exist the best fusedgpt us_graph next to the peers' (and the empty
+# kernel's, the floor). The peers are the family's other providers, in the order they appear.
 import csv
 import sys
 
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+FUSED = ("fusedgpt-cuda", "fusedgpt-triton")
+FLOOR = "empty-kernel"
 def number(row, key):
     try:
         return float(row.get(key) or "")
-    except ValueError:
+    except (TypeError, ValueError):
         return None
-cases = {}
-for row in rows:
-    cases.setdefault((row["family"], row["case"], row["dtype"]), {})[row["provider"]] = row
-header = ["family", "case", "dtype", "best", "GB/s", "x_compile", "x_eager", "x_copy_k",
-          "us_best", "us_compile", "us_eager", "us_copy_k", "us_empty", "check/error"]
-table = [header]
 def fmt(value, digits):
     return "-" if value is None else f"{value:.{digits}f}"
-for (family, case, dtype), providers in cases.items():
-    fused = [providers[name] for name in ("fusedgpt-cuda", "fusedgpt-triton")
-             if name in providers and number(providers[name], "ms")]
-    best = min(fused, key=lambda row: number(row, "ms")) if fused else None
-    graph_fused = [row for row in fused if number(row, "us_graph")]
-    best_graph = min(graph_fused, key=lambda row: number(row, "us_graph")) if graph_fused else None
-    def peer(name, key):
-        return number(providers[name], key) if name in providers else None
-    def ratio(name):
-        theirs = peer(name, "ms")
-        return theirs / number(best, "ms") if best and theirs else None
-    notes = sorted({(row.get("error") or row.get("check") or "")[:40] for row in providers.values()} - {"", "ok"})
-    table.append([family, case, dtype, best["provider"].replace("fusedgpt-", "") if best else "none",
-                  fmt(number(best, "gbps") if best else None, 1), fmt(ratio("torch-compile"), 2),
-                  fmt(ratio("torch-eager"), 2), fmt(ratio("torch-copy-k-only"), 2),
-                  fmt(number(best_graph, "us_graph") if best_graph else None, 2),
-                  fmt(peer("torch-compile", "us_graph"), 2), fmt(peer("torch-eager", "us_graph"), 2),
-                  fmt(peer("torch-copy-k-only", "us_graph"), 2), fmt(peer("empty-kernel", "us_graph"), 2),
-                  "; ".join(notes) or "ok"])
-widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-for line in table:
-    print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+families = {}
+for row in rows:
+    families.setdefault(row["family"], []).append(row)
+for family, family_rows in families.items():
+    metric, metric_name = ("tflops", "TFLOP/s") if any(number(r, "tflops") for r in family_rows) else ("gbps", "GB/s")
+    peers = list(dict.fromkeys(r["provider"] for r in family_rows if r["provider"] not in FUSED + (FLOOR,)))
+    time_peers = [p for p in peers if any(number(r, "ms") for r in family_rows if r["provider"] == p)]
+    graph_peers = [p for p in peers + [FLOOR] if any(number(r, "us_graph") for r in family_rows if r["provider"] == p)]
+    has_graph = bool(graph_peers) or any(number(r, "us_graph") for r in family_rows)
+    header = (["case", "dtype", "best", metric_name] + [f"x_{p}" for p in time_peers]
+              + (["us_best"] + [f"us_{p}" for p in graph_peers] if has_graph else []) + ["check/error"])
+    cases = {}
+    for row in family_rows:
+        cases.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
+    table = [header]
+    for (case, dtype), providers in cases.items():
+        fused = [providers[n] for n in FUSED if n in providers and number(providers[n], "ms")]
+        best = min(fused, key=lambda r: number(r, "ms")) if fused else None
+        graph_fused = [r for r in fused if number(r, "us_graph")]
+        best_graph = min(graph_fused, key=lambda r: number(r, "us_graph")) if graph_fused else None
+        def ratio(name):
+            theirs = number(providers[name], "ms") if name in providers else None
+            return theirs / number(best, "ms") if best and theirs else None
+        notes = sorted({(r.get("error") or r.get("check") or "")[:40] for r in providers.values()} - {"", "ok"})
+        line = [case, dtype, best["provider"].replace("fusedgpt-", "") if best else "none",
+                fmt(number(best, metric) if best else None, 1)]
+        line += [fmt(ratio(p), 2) for p in time_peers]
+        if has_graph:
+            line.append(fmt(number(best_graph, "us_graph") if best_graph else None, 2))
+            line += [fmt(number(providers[p], "us_graph") if p in providers else None, 2) for p in graph_peers]
+        line.append("; ".join(notes) or "ok")
+        table.append(line)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    print(f"--- {family}")
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print()
 PYTHON_SUMMARY
   fi
 } 2>&1 | tee -a "$LOG"

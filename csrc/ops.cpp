@@ -28,6 +28,8 @@ TORCH_LIBRARY(fusedgpt, m) {
   m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor");
   // k_cache[b, positions[b] + t] = k[b, t] (same for v), for every sequence whose block fits the cache.
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
+  // Prefill attention over [B, S, H, D]: causal / sliding window / left padding (kv_start).
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, int? window, float scale, Tensor? kv_start) -> Tensor");
 }
 
 #ifdef FUSEDGPT_PYTHON_MODULE

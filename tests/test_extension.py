@@ -26,6 +26,8 @@ SCHEMAS = {
     "bias_act": "fusedgpt::bias_act(Tensor x, Tensor? bias, str activation) -> Tensor",
     "kv_append": "fusedgpt::kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
                  "Tensor positions) -> ()",
+    "attention": "fusedgpt::attention(Tensor q, Tensor k, Tensor v, bool causal, int? window, float scale, "
+                 "Tensor? kv_start) -> Tensor",
 }
 
 
@@ -85,6 +87,23 @@ def _cache(*shape, dtype=torch.float16):
     (lambda: ops.kv_append(_cache(2, 8, 3, 16), _cache(2, 8, 3, 16), _cache(2, 2, 3, 16), _cache(2, 2, 3, 16),
                            torch.tensor([7, 0], dtype=torch.int32)),
      r"positions\[0\] = 7 is out of range: appending 2 tokens to a cache of length 8 needs 0 <= positions\[b\] <= 6"),
+    # attention
+    (lambda: ops.attention(_cache(1, 4, 2, 64), _cache(1, 6, 2, 64), _cache(1, 6, 2, 64), True, None, 0.1, None),
+     "q must be a CUDA tensor, got cpu"),
+    (lambda: ops.attention(_cache(4, 2, 64), _cache(1, 6, 2, 64), _cache(1, 6, 2, 64), True, None, 0.1, None),
+     r"q must have rank 4"),
+    (lambda: ops.attention(*(_cache(1, 4, 2, 64, dtype=torch.float32),) * 3, True, None, 0.1, None),
+     "q must be float16 or bfloat16"),
+    (lambda: ops.attention(_cache(1, 4, 2, 64), _cache(1, 6, 2, 64), _cache(1, 5, 2, 64), True, None, 0.1, None),
+     "v must have the shape of k"),
+    (lambda: ops.attention(_cache(1, 8, 2, 64), _cache(1, 6, 2, 64), _cache(1, 6, 2, 64), True, None, 0.1, None),
+     r"q has more tokens \(8\) than k \(6\)"),
+    (lambda: ops.attention(*(_cache(1, 4, 2, 48),) * 3, True, None, 0.1, None), "head dim D must be 64, 80, 96 or 128"),
+    (lambda: ops.attention(*(_cache(1, 4, 2, 64),) * 3, True, 0, 0.1, None), "window must be a positive int"),
+    (lambda: ops.attention(*(_cache(1, 4, 2, 64),) * 3, False, 8, 0.1, None), "window needs causal=True"),
+    (lambda: ops.attention(*(_cache(2, 4, 2, 64),) * 3, True, None, 0.1, torch.zeros(3, dtype=torch.int32)),
+     r"kv_start must have shape \[2\]"),
+    (lambda: ops.attention(*(_cache(1, 4, 2, 66)[..., :64],) * 3, True, None, 0.1, None), "16-byte aligned"),
 ])
 def test_cpp_checks_name_the_argument(call, match):
     with pytest.raises(RuntimeError, match=match):

@@ -35,6 +35,11 @@ def _check(backend, q, k, v, *, causal=True, window=None, scale=None, kv_start=N
     return out
 
 
+def _skip_cuda_float32(backend, dtype):
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes float16/bfloat16 (float32 is refused: see test_cuda_backend_refusals)")
+
+
 def _qkv(batch, q_len, kv_len, heads, dim, dtype, device):
     make = lambda s: torch.randn(batch, s, heads, dim, dtype=dtype, device=device)  # noqa: E731
     return make(q_len), make(kv_len), make(kv_len)
@@ -44,6 +49,7 @@ def _qkv(batch, q_len, kv_len, heads, dim, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_causal_matches_reference(backend, device, dtype):
     skip_unsupported(backend, device, dtype)
+    _skip_cuda_float32(backend, dtype)
     for case in CPU_CASES if device == "cpu" else GPU_CASES:
         _check(backend, *_qkv(*case, dtype, device))
 
@@ -52,6 +58,7 @@ def test_causal_matches_reference(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_full_attention_and_custom_scale(backend, device, dtype):
     skip_unsupported(backend, device, dtype)
+    _skip_cuda_float32(backend, dtype)
     _check(backend, *_qkv(2, 19, 45, 3, 64, dtype, device), causal=False)
     # GPT-Neo: unscaled scores, large logits; softmax statistics must stay in fp32.
     _check(backend, *_qkv(1, 40, 40, 2, 64, dtype, device), scale=1.0)
@@ -61,6 +68,7 @@ def test_full_attention_and_custom_scale(backend, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sliding_window(backend, device, dtype):
     skip_unsupported(backend, device, dtype)
+    _skip_cuda_float32(backend, dtype)
     if device == "cpu":
         cases = [(1, 50, 50, 2, 64, 1), (1, 50, 50, 2, 64, 7), (1, 20, 60, 1, 64, 16), (1, 30, 30, 1, 64, 100),
                  (1, 300, 300, 1, 64, 256)]
@@ -77,6 +85,7 @@ def test_left_padding_with_all_padding_rows(backend, device, dtype):
     """Sequence 1 is padded up to key 20, sequence 2 entirely: its rows (and the padded queries of
     sequence 1 that see nothing) must be zeros, never NaN."""
     skip_unsupported(backend, device, dtype)
+    _skip_cuda_float32(backend, dtype)
     q, k, v = _qkv(3, 33, 33, 2, 64, dtype, device)
     kv_start = torch.tensor([0, 20, 33], dtype=torch.int32, device=device)
     out = _check(backend, q, k, v, kv_start=kv_start)
@@ -122,10 +131,26 @@ def test_bad_input_is_named(call, error, match):
 
 
 @pytest.mark.gpu
-def test_cuda_backend_is_reported_unavailable():
-    q = torch.randn(1, 4, 2, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(ValueError, match="not built yet"):
+def test_cuda_backend_refusals():
+    """Cases the CUDA kernel cannot serve raise a clear error when asked for, and auto routes them."""
+    q = torch.randn(1, 4, 2, 64, device="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
         attention(q, q, q, backend="cuda")
+    q = torch.randn(1, 4, 2, 32, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dims"):
+        attention(q, q, q, backend="cuda")
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=2e-3, atol=2e-3)
+    odd = torch.randn(1, 4, 2, 66, device="cuda", dtype=torch.float16)[..., :64]  # strides not multiples of 8
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        attention(odd, odd, odd, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_op():
+    q, k, v = _qkv(2, 5, 70, 2, 64, torch.float16, "cuda")
+    kv_start = torch.tensor([0, 3], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.fusedgpt.attention.default, (q, k, v, True, 16, 0.125, kv_start))
+    torch.library.opcheck(torch.ops.fusedgpt.attention.default, (q, k, v, False, None, 0.125, None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,8 +164,9 @@ def test_opcheck_triton_op(device):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
-    skip_unsupported(backend, device, torch.float32)
-    q, k, v = _qkv(1, 9, 9, 2, 32, torch.float32, device)
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    skip_unsupported(backend, device, dtype)
+    q, k, v = _qkv(1, 9, 9, 2, 64, dtype, device)
 
     def layer(q, k, v):
         return attention(q * 2, k, v, window=4, backend=backend).sum(-1)

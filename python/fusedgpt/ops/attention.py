@@ -2,15 +2,16 @@
 left-padded batches — over [B, S, H, D] tensors.
 
 Contract (CONVENTIONS.md): `attention_reference` is the specification; `attention` validates, picks a
-backend and runs it. GPU path: fusedgpt::attention_triton (triton_kernels/attention.py), a custom op
-with a fake implementation. The hand-written CUDA kernel (csrc/attention/) is not written yet: the
-"cuda" backend is unavailable for this family until it is.
+backend and runs it. GPU paths, custom ops with fake implementations:
+    fusedgpt::attention          hand-written CUDA, mma.sync tensor cores (csrc/attention/)
+    fusedgpt::attention_triton   Triton (triton_kernels/attention.py)
 """
 
 from __future__ import annotations
 
 import torch
 
+from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
 from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
                                   needs_autograd)
@@ -69,6 +70,29 @@ def _attention_fake(q, k, v, causal, window, scale, kv_start):
     return q.new_empty(q.shape)
 
 
+_CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "attention")
+if _CUDA_OP_BUILT:
+    torch.library.register_fake("fusedgpt::attention")(_attention_fake)
+
+CUDA_HEAD_DIMS = (64, 80, 96, 128)
+
+
+def _cuda_limits(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the CUDA kernel cannot serve this call (None when it can)."""
+    if not _CUDA_OP_BUILT:
+        return "this build of the extension has no attention kernel (rebuild fusedgpt)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
+    if q.shape[0] * q.shape[2] > 65535:
+        return "the CUDA kernel takes B * H <= 65535"
+    for tensor in (q, k, v):
+        if tensor.data_ptr() % 16 or any(stride % 8 for stride in tensor.stride()[:3]):
+            return "the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of 8"
+    return None
+
+
 def _check(q, k, v, causal, window, scale, kv_start) -> None:
     op = "attention"
     for name, tensor in (("q", q), ("k", k), ("v", v)):
@@ -116,17 +140,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     outside the window are skipped, so the work is O(S * W). scale: defaults to D^-0.5 (GPT-Neo: 1.0).
     kv_start int32 [B] on q's device: keys before it are left padding; a query with no visible key
     returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
-    Backends: "triton"; "torch" (the reference, O(S^2) memory); "cuda" is not built yet for this
-    family. The kernels take head dims up to 256 (the reference any) and are inference-only: calls
-    that need autograd use the reference."""
+    Backends: "cuda" (float16/bfloat16, D in 64/80/96/128, 16-byte aligned rows), "triton" (any float
+    dtype, D up to 256; float32 with IEEE dots), "torch" (the reference, O(S^2) memory, any D). The
+    kernels are inference-only: calls that need autograd use the reference."""
     _check(q, k, v, causal, window, scale, kv_start)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     unsupported = kernel_limits(q)
-    unsupported.setdefault("cuda", "the hand-written CUDA attention kernel is not built yet")
+    cuda_reason = _cuda_limits(q, k, v)
+    if cuda_reason is not None:
+        unsupported.setdefault("cuda", cuda_reason)
     if q.shape[-1] > MAX_HEAD_DIM:
         unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
                                                                       unsupported=unsupported)
     if chosen == "torch":
         return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+    if chosen == "cuda":
+        return torch.ops.fusedgpt.attention(q, k, v, causal, window, scale, kv_start)
     return _attention_triton(q, k, v, causal, window, scale, kv_start)

@@ -23,16 +23,20 @@ Tensor = torch.Tensor
 def layer_norm_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
                          residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The specification. s = x + residual, stored in x's dtype (as an unfused block stores it);
-    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias, with the biased variance, computed in
-    float32 (float64 for float64 inputs) and returned in x's dtype. Returns y, or (y, s) with a residual."""
+    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias, with the biased variance (two passes, over
+    the row shifted by its first element), computed in float32 (float64 for float64 inputs) and
+    returned in x's dtype. Returns y, or (y, s) with a residual."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x
     if residual is not None:
         s = (x.to(compute) + residual.to(compute)).to(x.dtype)
-    values = s.to(compute)
-    mean = values.mean(dim=-1, keepdim=True)
-    variance = (values - mean).square().mean(dim=-1, keepdim=True)
-    y = (values - mean) * torch.rsqrt(variance + eps)
+    # Statistics of the row shifted by its first element: the same math, but a large common offset no
+    # longer costs float32 precision in the mean (the kernels do the same).
+    shifted = s.to(compute) - s[..., :1].to(compute)
+    mean = shifted.mean(dim=-1, keepdim=True)
+    centred = shifted - mean
+    variance = centred.square().mean(dim=-1, keepdim=True)
+    y = centred * torch.rsqrt(variance + eps)
     if weight is not None:
         y = y * weight.to(compute)
     if bias is not None:

@@ -1,0 +1,4 @@
+// Prefill attention instantiation: head dim 96, bf16.
+#include "attention/attention_launch.cuh"
+
+template void fusedgpt::attention::launch<__nv_bfloat16, 96>(const fusedgpt::attention::Params&, cudaStream_t);
