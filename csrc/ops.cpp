@@ -30,6 +30,9 @@ TORCH_LIBRARY(fusedgpt, m) {
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
   // Prefill attention over [B, S, H, D]: causal / sliding window / left padding (kv_start).
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, int? window, float scale, Tensor? kv_start) -> Tensor");
+  // Decode attention over the KV cache; with k, v it also appends them at cache_lens (in place).
+  m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_lens, Tensor? k, "
+        "Tensor? v, int? window, float scale, Tensor? kv_start, int num_splits) -> Tensor");
 }
 
 #ifdef FUSEDGPT_PYTHON_MODULE

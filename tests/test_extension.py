@@ -28,6 +28,9 @@ SCHEMAS = {
                  "Tensor positions) -> ()",
     "attention": "fusedgpt::attention(Tensor q, Tensor k, Tensor v, bool causal, int? window, float scale, "
                  "Tensor? kv_start) -> Tensor",
+    "decode_attention": "fusedgpt::decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                        "Tensor cache_lens, Tensor? k, Tensor? v, int? window, float scale, Tensor? kv_start, "
+                        "int num_splits) -> Tensor",
 }
 
 
@@ -104,6 +107,30 @@ def _cache(*shape, dtype=torch.float16):
     (lambda: ops.attention(*(_cache(2, 4, 2, 64),) * 3, True, None, 0.1, torch.zeros(3, dtype=torch.int32)),
      r"kv_start must have shape \[2\]"),
     (lambda: ops.attention(*(_cache(1, 4, 2, 66)[..., :64],) * 3, True, None, 0.1, None), "16-byte aligned"),
+    # decode_attention
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 1),
+     "q must be a CUDA tensor, got cpu"),
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
+                                  torch.tensor([3], dtype=torch.int32), _cache(1, 1, 2, 64), None, None, 0.1, None, 1),
+     "give both k and v"),
+    (lambda: ops.decode_attention(_cache(1, 17, 2, 64), _cache(1, 32, 2, 64), _cache(1, 32, 2, 64),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 1),
+     "1 to 16 tokens"),
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 48), _cache(1, 8, 2, 48), _cache(1, 8, 2, 48),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 1),
+     "head dim D must be 64, 80, 96 or 128"),
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 3, 64), _cache(1, 8, 3, 64),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 1),
+     r"k_cache must have shape \[B, S_max, H, D\]"),
+    (lambda: ops.decode_attention(_cache(1, 2, 2, 64), _cache(1, 1, 2, 64), _cache(1, 1, 2, 64),
+                                  torch.tensor([0], dtype=torch.int32), _cache(1, 2, 2, 64), _cache(1, 2, 2, 64), None,
+                                  0.1, None, 1), "the cache is too small"),
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
+                                  torch.tensor([3]), None, None, None, 0.1, None, 1), "cache_lens must be int32"),
+    (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 0),
+     r"num_splits must be in \[1, 1024\]"),
 ])
 def test_cpp_checks_name_the_argument(call, match):
     with pytest.raises(RuntimeError, match=match):

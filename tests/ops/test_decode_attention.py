@@ -148,6 +148,7 @@ def test_out_of_range_lengths_are_reported_when_known_on_the_host(backend, devic
     (lambda q, c, n: decode_attention(q, c, c, n, window=0), ValueError, "window must be a positive int"),
     (lambda q, c, n: decode_attention(q, c, c, n, k=q[:, :1], v=q[:, :1]), ValueError, "k must have the shape of q"),
     (lambda q, c, n: decode_attention(q, c, c, n, backend="cuda"), ValueError, "cannot run this call"),
+    (lambda q, c, n: decode_attention(q, c, c, n, backend="triton", num_splits=0), ValueError, "num_splits"),
 ])
 def test_bad_input_is_named(call, error, match):
     q, cache = torch.randn(2, 2, 3, 16), torch.randn(2, 8, 3, 16)
@@ -186,7 +187,18 @@ def test_torch_compile_fullgraph(backend, device):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_with_new_lengths():
+def test_opcheck_cuda_op():
+    q = torch.randn(2, 2, 2, 64, device="cuda", dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(2, 40, 2, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    cache_lens = torch.tensor([5, 30], dtype=torch.int32, device="cuda")
+    op = torch.ops.fusedgpt.decode_attention.default
+    torch.library.opcheck(op, (q, k_cache, v_cache, cache_lens, q.clone(), q.clone(), 16, 0.5, None, 2))
+    torch.library.opcheck(op, (q, k_cache, v_cache, cache_lens, None, None, None, 0.25, cache_lens // 2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replay_with_new_lengths(backend):
     """One captured decode step replayed over several steps with cache_lens advanced on the device gives
     the same outputs and caches as eager calls."""
     batch, max_len, heads, dim = 3, 512, 8, 64
@@ -195,15 +207,15 @@ def test_cuda_graph_replay_with_new_lengths():
     q, k, v = (torch.randn(batch, 1, heads, dim, dtype=torch.float16, device="cuda") for _ in range(3))
     lengths = torch.tensor([10, 200, 400], dtype=torch.int32, device="cuda")
     static_lengths = lengths.clone()
-    decode_attention(q, *graph_caches, static_lengths, k=k, v=v, backend="triton")  # compile outside capture
+    decode_attention(q, *graph_caches, static_lengths, k=k, v=v, backend=backend)  # compile outside capture
     graph_caches = [c.copy_(e) for c, e in zip(graph_caches, eager_caches)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = decode_attention(q, *graph_caches, static_lengths, k=k, v=v, backend="triton")
+        static_out = decode_attention(q, *graph_caches, static_lengths, k=k, v=v, backend=backend)
     for _ in range(5):
         for tensor in (q, k, v):
             tensor.copy_(torch.randn_like(tensor))
-        expected = decode_attention(q, *eager_caches, lengths, k=k, v=v, backend="triton")
+        expected = decode_attention(q, *eager_caches, lengths, k=k, v=v, backend=backend)
         static_lengths.copy_(lengths)
         graph.replay()
         torch.testing.assert_close(static_out, expected, rtol=0, atol=0)

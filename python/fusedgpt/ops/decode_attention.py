@@ -2,9 +2,10 @@
 KV-cache append fused into the same launch, split along the keys so a single long sequence fills the GPU.
 
 Contract (CONVENTIONS.md): `decode_attention_reference` is the specification; `decode_attention`
-validates, picks a backend and runs it. GPU path: fusedgpt::decode_attention_triton
-(triton_kernels/decode_attention.py), a custom op that declares the cache mutation. The hand-written CUDA
-kernel (csrc/decode_attention/) is not written yet: the "cuda" backend is unavailable for this family.
+validates, picks a backend and runs it. GPU paths, custom ops that declare the cache mutation:
+    fusedgpt::decode_attention          hand-written CUDA (csrc/decode_attention/)
+    fusedgpt::decode_attention_triton   Triton (triton_kernels/decode_attention.py)
+Both take the number of key splits from the host (fusedgpt.triton_kernels.decode_attention.choose_splits).
 
 Out-of-range policy (as kv_append): new tokens that would not fit (cache_lens[b] + T > S_max) are not
 written, but are still attended to. The caller learns of it as a ValueError when cache_lens is a CPU
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
 from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
                                   needs_autograd)
 from fusedgpt.ops.attention import MAX_HEAD_DIM, attention_reference
 from fusedgpt.ops.kv_append import kv_append_reference
 from fusedgpt.triton_kernels.attention import default_scale
-from fusedgpt.triton_kernels.decode_attention import decode_attention_fwd
+from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
 
 Tensor = torch.Tensor
 
@@ -67,6 +69,29 @@ def _decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
 @_decode_attention_triton.register_fake
 def _decode_attention_fake(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start, num_splits):
     return q.new_empty(q.shape)
+
+
+_CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "decode_attention")
+if _CUDA_OP_BUILT:
+    torch.library.register_fake("fusedgpt::decode_attention")(_decode_attention_fake)
+
+CUDA_HEAD_DIMS = (64, 80, 96, 128)
+SPLIT_GRANULE = 64  # keys: a split never gets less than this (see choose_splits)
+
+
+def _cuda_limits(q: Tensor, *tensors: Tensor | None) -> str | None:
+    """Why the CUDA kernel cannot serve this call (None when it can)."""
+    if not _CUDA_OP_BUILT:
+        return "this build of the extension has no decode_attention kernel (rebuild fusedgpt)"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
+    if q.shape[0] * q.shape[2] > 65535:
+        return "the CUDA kernel takes B * H <= 65535"
+    vector = 16 // q.element_size()
+    for tensor in (q,) + tensors:
+        if tensor is not None and (tensor.data_ptr() % 16 or any(s % vector for s in tensor.stride()[:3])):
+            return f"the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of {vector}"
+    return None
 
 
 def _check_lengths(op: str, name: str, value, batch: int, device: torch.device) -> None:
@@ -145,6 +170,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     capturable in a CUDA graph and replayable with new cache_lens kept on the device.
     num_splits overrides the number of key splits (for tests and tuning)."""
     _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= 1024):
+        raise ValueError(f"fusedgpt.ops.decode_attention: num_splits must be an int in [1, 1024] or None, "
+                         f"got {num_splits!r}")
     tokens, max_len = q.shape[1], k_cache.shape[1]
     if not torch.compiler.is_compiling() and (check or cache_lens.device.type == "cpu"):
         _check_lengths_in_range(cache_lens, tokens, max_len, appending=k is not None)
@@ -152,7 +181,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     cache_lens = cache_lens.to(q.device)
     kv_start = kv_start.to(q.device) if kv_start is not None else None
     unsupported = kernel_limits(q)
-    unsupported.setdefault("cuda", "the hand-written CUDA decode attention kernel is not built yet")
+    cuda_reason = _cuda_limits(q, k_cache, v_cache, k, v)
+    if cuda_reason is not None:
+        unsupported.setdefault("cuda", cuda_reason)
     if q.shape[-1] > MAX_HEAD_DIM:
         unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("decode_attention", q.device, backend,
@@ -160,4 +191,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     if chosen == "torch":
         return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
                                           kv_start=kv_start)
+    if chosen == "cuda":
+        batch, tokens, heads = q.shape[:3]
+        key_range = (min(max_len, window) if window is not None else max_len) + tokens
+        splits = num_splits or choose_splits(batch * heads * tokens, key_range, SPLIT_GRANULE, q.device)
+        return torch.ops.fusedgpt.decode_attention(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start,
+                                                   splits)
     return _decode_attention_triton(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start, num_splits)
