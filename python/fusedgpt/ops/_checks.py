@@ -65,3 +65,24 @@ def kernel_limits(x: torch.Tensor) -> dict[str, str]:
         reason = "the kernels take float16, bfloat16 or float32, got float64"
         return {"cuda": reason, "triton": reason}
     return {}
+
+
+def check_int32_per_sequence(op: str, name: str, value, batch: int, device: torch.device, *,
+                             allow_cpu: bool) -> None:
+    """An int32 [B] tensor of per-sequence positions or lengths, on `device` (or on the CPU if allowed)."""
+    check_tensor(op, name, value, rank=1)
+    if value.dtype != torch.int32:
+        raise TypeError(f"fusedgpt.ops.{op}: {name} must be int32, got {value.dtype}")
+    if value.shape[0] != batch:
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [{batch}] (one per sequence), "
+                         f"got {tuple(value.shape)}")
+    if value.device != device and not (allow_cpu and value.device.type == "cpu"):
+        where = f"on the CPU or on {device}" if allow_cpu else f"on {device}"
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must be {where}, got {value.device}")
+
+
+def check_window_and_scale(op: str, window, scale) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"fusedgpt.ops.{op}: window must be a positive int or None, got {window!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"fusedgpt.ops.{op}: scale must be a number or None, got {type(scale).__name__}")

@@ -13,8 +13,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
-                                  needs_autograd)
+from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
+                                  check_unit_last_stride, check_window_and_scale, kernel_limits, needs_autograd)
 from fusedgpt.triton_kernels.attention import attention_fwd, default_scale
 
 Tensor = torch.Tensor
@@ -77,20 +77,31 @@ if _CUDA_OP_BUILT:
 CUDA_HEAD_DIMS = (64, 80, 96, 128)
 
 
-def _cuda_limits(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why the CUDA kernel cannot serve this call (None when it can)."""
-    if not _CUDA_OP_BUILT:
-        return "this build of the extension has no attention kernel (rebuild fusedgpt)"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA kernel takes float16 or bfloat16, got {q.dtype}"
-    if q.shape[-1] not in CUDA_HEAD_DIMS:
-        return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
-    if q.shape[0] * q.shape[2] > 65535:
-        return "the CUDA kernel takes B * H <= 65535"
-    for tensor in (q, k, v):
-        if tensor.data_ptr() % 16 or any(stride % 8 for stride in tensor.stride()[:3]):
-            return "the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of 8"
-    return None
+def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
+                            cuda_dtypes: tuple[torch.dtype, ...]) -> dict[str, str]:
+    """What the attention kernels (prefill and decode) cannot serve: maps "cuda" / "triton" to the reason.
+    The CUDA kernels take head dims 64/80/96/128, B * H <= 65535 and 16-byte aligned tensors whose
+    batch/seq/head strides are whole 16-byte vectors; the Triton kernels head dims up to 256."""
+    unsupported = kernel_limits(q)
+    batch, heads, dim = q.shape[0], q.shape[2], q.shape[3]
+    vector = 16 // q.element_size()
+    if not cuda_op_built:
+        cuda_reason = "this build of the extension lacks the kernel (rebuild fusedgpt)"
+    elif q.dtype not in cuda_dtypes:
+        cuda_reason = f"the CUDA kernel takes {[str(d) for d in cuda_dtypes]}, got {q.dtype}"
+    elif dim not in CUDA_HEAD_DIMS:
+        cuda_reason = f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {dim}"
+    elif batch * heads > 65535:
+        cuda_reason = "the CUDA kernel takes B * H <= 65535"
+    elif any(t is not None and (t.data_ptr() % 16 or any(s % vector for s in t.stride()[:3])) for t in tensors):
+        cuda_reason = f"the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of {vector}"
+    else:
+        cuda_reason = None
+    if cuda_reason is not None:
+        unsupported.setdefault("cuda", cuda_reason)
+    if dim > MAX_HEAD_DIM:
+        unsupported["triton"] = f"head dim {dim} is above the kernels' limit of {MAX_HEAD_DIM}"
+    return unsupported
 
 
 def _check(q, k, v, causal, window, scale, kv_start) -> None:
@@ -110,23 +121,11 @@ def _check(q, k, v, causal, window, scale, kv_start) -> None:
                          "must be the last Sq of the Sk positions (Sq <= Sk)")
     if not isinstance(causal, bool):
         raise TypeError(f"fusedgpt.ops.attention: causal must be a bool, got {type(causal).__name__}")
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"fusedgpt.ops.attention: window must be a positive int or None, got {window!r}")
-        if not causal:
-            raise ValueError("fusedgpt.ops.attention: window needs causal=True (a sliding window looks back only)")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"fusedgpt.ops.attention: scale must be a number or None, got {type(scale).__name__}")
+    check_window_and_scale(op, window, scale)
+    if window is not None and not causal:
+        raise ValueError("fusedgpt.ops.attention: window needs causal=True (a sliding window looks back only)")
     if kv_start is not None:
-        check_tensor(op, "kv_start", kv_start, rank=1)
-        if kv_start.dtype != torch.int32:
-            raise TypeError(f"fusedgpt.ops.attention: kv_start must be int32, got {kv_start.dtype}")
-        if kv_start.shape[0] != batch:
-            raise ValueError(f"fusedgpt.ops.attention: kv_start must have shape [{batch}] (one per sequence), "
-                             f"got {tuple(kv_start.shape)}")
-        if kv_start.device != q.device:
-            raise ValueError(f"fusedgpt.ops.attention: kv_start must be on the device of q ({q.device}), "
-                             f"got {kv_start.device}")
+        check_int32_per_sequence(op, "kv_start", kv_start, batch, q.device, allow_cpu=False)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
@@ -145,12 +144,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     kernels are inference-only: calls that need autograd use the reference."""
     _check(q, k, v, causal, window, scale, kv_start)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    unsupported = kernel_limits(q)
-    cuda_reason = _cuda_limits(q, k, v)
-    if cuda_reason is not None:
-        unsupported.setdefault("cuda", cuda_reason)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
+    unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
+                                          cuda_dtypes=(torch.float16, torch.bfloat16))
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
                                                                       unsupported=unsupported)
     if chosen == "torch":

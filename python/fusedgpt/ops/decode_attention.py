@@ -18,9 +18,9 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits,
-                                  needs_autograd)
-from fusedgpt.ops.attention import MAX_HEAD_DIM, attention_reference
+from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
+                                  check_unit_last_stride, check_window_and_scale, needs_autograd)
+from fusedgpt.ops.attention import attention_kernel_limits, attention_reference
 from fusedgpt.ops.kv_append import kv_append_reference
 from fusedgpt.triton_kernels.attention import default_scale
 from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
@@ -75,35 +75,7 @@ _CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "decode_a
 if _CUDA_OP_BUILT:
     torch.library.register_fake("fusedgpt::decode_attention")(_decode_attention_fake)
 
-CUDA_HEAD_DIMS = (64, 80, 96, 128)
 SPLIT_GRANULE = 64  # keys: a split never gets less than this (see choose_splits)
-
-
-def _cuda_limits(q: Tensor, *tensors: Tensor | None) -> str | None:
-    """Why the CUDA kernel cannot serve this call (None when it can)."""
-    if not _CUDA_OP_BUILT:
-        return "this build of the extension has no decode_attention kernel (rebuild fusedgpt)"
-    if q.shape[-1] not in CUDA_HEAD_DIMS:
-        return f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
-    if q.shape[0] * q.shape[2] > 65535:
-        return "the CUDA kernel takes B * H <= 65535"
-    vector = 16 // q.element_size()
-    for tensor in (q,) + tensors:
-        if tensor is not None and (tensor.data_ptr() % 16 or any(s % vector for s in tensor.stride()[:3])):
-            return f"the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of {vector}"
-    return None
-
-
-def _check_lengths(op: str, name: str, value, batch: int, device: torch.device) -> None:
-    check_tensor(op, name, value, rank=1)
-    if value.dtype != torch.int32:
-        raise TypeError(f"fusedgpt.ops.{op}: {name} must be int32, got {value.dtype}")
-    if value.shape[0] != batch:
-        raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [{batch}] (one per sequence), "
-                         f"got {tuple(value.shape)}")
-    if value.device != device and value.device.type != "cpu":
-        raise ValueError(f"fusedgpt.ops.{op}: {name} must be on the CPU or on the device of q ({device}), "
-                         f"got {value.device}")
 
 
 def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> None:
@@ -132,13 +104,10 @@ def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> No
         if tokens > k_cache.shape[1]:
             raise ValueError(f"fusedgpt.ops.decode_attention: the cache is too small: {tokens} new tokens, "
                              f"k_cache holds at most {k_cache.shape[1]}")
-    _check_lengths(op, "cache_lens", cache_lens, batch, q.device)
-    if kv_start is not None:
-        _check_lengths(op, "kv_start", kv_start, batch, q.device)
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"fusedgpt.ops.decode_attention: window must be a positive int or None, got {window!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"fusedgpt.ops.decode_attention: scale must be a number or None, got {type(scale).__name__}")
+    for name, lengths in (("cache_lens", cache_lens), ("kv_start", kv_start)):
+        if lengths is not None:
+            check_int32_per_sequence(op, name, lengths, batch, q.device, allow_cpu=True)
+    check_window_and_scale(op, window, scale)
 
 
 def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appending: bool) -> None:
@@ -180,12 +149,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     cache_lens = cache_lens.to(q.device)
     kv_start = kv_start.to(q.device) if kv_start is not None else None
-    unsupported = kernel_limits(q)
-    cuda_reason = _cuda_limits(q, k_cache, v_cache, k, v)
-    if cuda_reason is not None:
-        unsupported.setdefault("cuda", cuda_reason)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        unsupported["triton"] = f"head dim {q.shape[-1]} is above the kernels' limit of {MAX_HEAD_DIM}"
+    unsupported = attention_kernel_limits(q, (q, k_cache, v_cache, k, v), cuda_op_built=_CUDA_OP_BUILT,
+                                          cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("decode_attention", q.device, backend,
                                                                       unsupported=unsupported)
     if chosen == "torch":

@@ -23,7 +23,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import check_float, check_like, check_tensor, check_unit_last_stride, kernel_limits
+from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
+                                  check_unit_last_stride, kernel_limits)
 from fusedgpt.triton_kernels.kv_append import kv_append_fwd
 
 Tensor = torch.Tensor
@@ -79,15 +80,7 @@ def _check(k_cache, v_cache, k, v, positions) -> None:
     if tokens > max_len:
         raise ValueError(f"fusedgpt.ops.kv_append: the cache is too small: k has {tokens} tokens but k_cache "
                          f"holds at most {max_len}")
-    check_tensor(op, "positions", positions, rank=1)
-    if positions.dtype != torch.int32:
-        raise TypeError(f"fusedgpt.ops.kv_append: positions must be int32, got {positions.dtype}")
-    if positions.shape[0] != batch:
-        raise ValueError(f"fusedgpt.ops.kv_append: positions must have shape [{batch}] (one per sequence), "
-                         f"got {tuple(positions.shape)}")
-    if positions.device != k_cache.device and positions.device.type != "cpu":
-        raise ValueError(f"fusedgpt.ops.kv_append: positions must be on the CPU or on the device of k_cache "
-                         f"({k_cache.device}), got {positions.device}")
+    check_int32_per_sequence(op, "positions", positions, batch, k_cache.device, allow_cpu=True)
 
 
 def _check_positions_in_range(positions: Tensor, tokens: int, max_len: int) -> None:
