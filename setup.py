@@ -89,7 +89,7 @@ else:
     cmdclass = cmdclass_or_reason
 
 setup(
-    packages=["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.triton_kernels"],
+    packages=["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.triton_kernels"],
     package_dir={"fusedgpt": "python/fusedgpt", "fusedgpt.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

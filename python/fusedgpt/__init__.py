@@ -1,11 +1,13 @@
 """fusedgpt: hand-written CUDA and Triton kernels for GPT-style causal language models (OPT, GPT-2,
 GPT-Neo) in PyTorch. `fusedgpt.ops` holds the kernels' public functions, `fusedgpt.nn` the drop-in
-modules; `fusedgpt info` says what this install can run."""
+modules, `fusedgpt.models` the GPT-2 / OPT / GPT-Neo models (from_pretrained, from_hf, load_tokenizer)
+and `fusedgpt.generation` their generation loop; `fusedgpt info` says what this install can run."""
 
-from fusedgpt import nn, ops
+from fusedgpt import models, nn, ops
 from fusedgpt._extension import extension_available, extension_cuda_archs, extension_unavailable_reason
+from fusedgpt.models import from_config, from_hf, from_pretrained, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "extension_available", "extension_cuda_archs", "extension_unavailable_reason",
-           "__version__"]
+__all__ = ["models", "nn", "ops", "from_config", "from_hf", "from_pretrained", "load_tokenizer",
+           "extension_available", "extension_cuda_archs", "extension_unavailable_reason", "__version__"]

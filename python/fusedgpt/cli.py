@@ -1,9 +1,11 @@
 """The `fusedgpt` command line. `fusedgpt info`: versions, the GPU, the extension's build and the
-backend each op will use on this machine."""
+backend each op will use on this machine. `fusedgpt generate`: text from a local Hugging Face GPT-2 /
+OPT / GPT-Neo checkpoint directory, streamed as it is produced, with prefill and decode tokens/s."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -47,13 +49,138 @@ def info_lines() -> list[str]:
     return lines
 
 
+def _add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="generate text from a local checkpoint directory",
+                                 description="Generates text from a local Hugging Face GPT-2 / OPT / GPT-Neo "
+                                             "checkpoint directory (config.json, weights, tokenizer files).")
+    parser.add_argument("--model", required=True, help="checkpoint directory (nothing is downloaded)")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the prompt text")
+    prompts.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sample at this temperature (0 or unset with no --top-k/--top-p: greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, "
+                                                         "bfloat16 or float32")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+
+
+class _TextStream:
+    """Streamer for one sequence: decodes everything generated so far and prints the new suffix (a
+    multi-byte character split across tokens is held back until complete). For a batch it draws a
+    progress bar on stderr instead."""
+
+    def __init__(self, tokenizer, batch: int, total: int, eos: list[int]):
+        self.tokenizer, self.batch, self.total, self.eos = tokenizer, batch, total, eos
+        self.ids: list[int] = []
+        self.printed = ""
+        self.count = 0
+
+    def __call__(self, chunk: torch.Tensor) -> None:
+        self.count += chunk.shape[1]
+        if self.batch > 1:
+            done = int(30 * self.count / self.total)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {self.count}/{self.total} tokens", end="", file=sys.stderr,
+                  flush=True)
+            return
+        self.ids += chunk[0].tolist()
+        self._print(final=False)
+
+    def _print(self, final: bool) -> None:
+        text = self.tokenizer.decode(_until_eos(self.ids, self.eos), skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and text.startswith(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+    def finish(self) -> None:
+        """Prints what was held back (an incomplete character at the very end stays a U+FFFD)."""
+        if self.batch == 1:
+            self._print(final=True)
+            print()
+        else:
+            print(file=sys.stderr)
+
+
+def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
+    for index, token in enumerate(ids):
+        if token in eos:
+            return ids[:index]
+    return ids
+
+
+def _generate(args) -> int:
+    from fusedgpt.generation import generate_with_stats
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"checkpoint directory not found: {args.model} (fusedgpt loads local directories "
+                                "only; download the model first)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible")
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else args.dtype
+    if args.batch_file is not None:
+        with open(args.batch_file, encoding="utf-8") as handle:
+            prompts = [line.rstrip("\n") for line in handle if line.strip()]
+        if not prompts:
+            raise ValueError(f"--batch-file {args.batch_file} holds no prompt")
+    else:
+        prompts = [args.prompt]
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--temperature 0 is greedy decoding; --top-k / --top-p need a temperature > 0")
+    do_sample = bool(args.temperature) or args.top_k is not None or args.top_p is not None
+    tokenizer = fusedgpt.load_tokenizer(args.model)
+    model = fusedgpt.from_pretrained(args.model, dtype=dtype, device=device)
+    encoded = [tokenizer.encode(prompt).ids for prompt in prompts]
+    if not all(encoded):
+        raise ValueError("a prompt encodes to no tokens")
+    config = model.config
+    eos = [] if config.eos_token_id is None else [config.eos_token_id] if isinstance(config.eos_token_id, int) \
+        else list(config.eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    stream = _TextStream(tokenizer, len(prompts), args.max_new_tokens, eos)
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+    result = generate_with_stats(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
+                                 do_sample=do_sample, temperature=args.temperature or 1.0, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, streamer=stream, sync_every=4)
+    stream.finish()
+    if len(prompts) > 1:
+        for index, (prompt, row) in enumerate(zip(prompts, result.ids.tolist())):
+            text = tokenizer.decode(_until_eos(row[width:], eos), skip_special_tokens=True)
+            print(f"--- {index}\n{prompt}{text}")
+    prefill_rate = result.prompt_tokens / max(result.prefill_seconds, 1e-9)
+    decode_rate = result.decode_tokens / max(result.decode_seconds, 1e-9)
+    print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s ({prefill_rate:.1f} tokens/s)",
+          file=sys.stderr)
+    print(f"decode:  {result.decode_tokens} tokens in {result.decode_seconds:.3f} s ({decode_rate:.1f} tokens/s, "
+          f"batch {len(prompts)}, {model.dtype}, {device})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusedgpt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, GPU, extension build and backend per op")
+    _add_generate_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
+    elif args.command == "generate":
+        try:
+            return _generate(args)
+        except (ValueError, TypeError, KeyError, OSError, RuntimeError) as error:  # one line, no traceback
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"fusedgpt generate: error: {message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nfusedgpt generate: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -1,0 +1,230 @@
+"""fusedgpt.generation: greedy generation token-identical to transformers' generate (float32, CPU,
+32 new tokens on the reference ops, fewer on the Triton interpreter) with left-padded batches; EOS per
+sequence as Hugging Face stops; the sampling filters against Hugging Face's warpers; seeds; top-k /
+top-p restrict the draws; streaming; the static cache reused across calls; the position limit and bad
+arguments; `fusedgpt generate` on a tiny checkpoint; CUDA-graph replay against eager steps (gpu)."""
+
+import pytest
+import torch
+import transformers
+from tiny_models import gpt2_config, hf_model, left_padded, set_backend
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import fusedgpt
+from fusedgpt.cli import main
+from fusedgpt.generation import filter_logits, generate, generate_with_stats
+from fusedgpt.models import from_config
+
+FAMILIES = ["gpt2-scaled", "opt-350m", "opt", "gpt_neo"]
+
+
+def _hf_greedy(hf, ids, mask, new_tokens, **kwargs):
+    return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_greedy_matches_transformers_generate(monkeypatch, variant):
+    set_backend(monkeypatch, "torch", "cpu")
+    hf = hf_model(variant)
+    ours = fusedgpt.from_hf(hf)
+    ids, mask = left_padded([11, 6, 9])  # GPT-Neo: 11 + 32 tokens run far past its window of 8
+    expected = _hf_greedy(hf, ids, mask, 32)
+    actual = ours.generate(ids, mask, max_new_tokens=32)
+    assert actual.shape == expected.shape == (3, 11 + 32)
+    assert torch.equal(actual, expected), f"first difference at {(actual != expected).nonzero()[:1].tolist()}"
+
+
+@pytest.mark.parametrize("variant", ["gpt2-scaled", "opt-350m", "gpt_neo"])
+def test_greedy_matches_transformers_generate_on_triton(monkeypatch, variant):
+    """The Triton kernels (interpreted on the CPU: slow, so 8 new tokens) through the same loop."""
+    set_backend(monkeypatch, "triton", "cpu")
+    hf = hf_model(variant)
+    ours = fusedgpt.from_hf(hf)
+    ids, mask = left_padded([7, 4])
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=8), _hf_greedy(hf, ids, mask, 8))
+
+
+def test_eos_stops_each_sequence_as_transformers_does(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    hf = hf_model("gpt2")
+    ours = fusedgpt.from_hf(hf)
+    ids, mask = left_padded([8, 5])
+    free_run = _hf_greedy(hf, ids, mask, 16)
+    eos = int(free_run[0, 8 + 3])  # row 0 meets it at its 4th new token at the latest
+    expected = _hf_greedy(hf, ids, mask, 16, eos_token_id=eos, pad_token_id=7)
+    actual = ours.generate(ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=7, sync_every=3)
+    assert torch.equal(actual, expected)
+    # Both rows ending early trims the output as Hugging Face does; the config's EOS is the default.
+    ours.config.eos_token_id = int(free_run[0, 8])
+    both = ours.generate(ids[:1], mask[:1], max_new_tokens=16, pad_token_id=7)
+    assert both.shape == (1, 9) and int(both[0, -1]) == ours.config.eos_token_id
+
+
+def test_sampling_filters_match_transformers_warpers():
+    logits = torch.randn(4, 100) * 3
+    for temperature, top_k, top_p in [(0.7, None, None), (1.0, 5, None), (1.3, None, 0.8), (0.9, 20, 0.5),
+                                      (1.0, 1, None), (1.0, None, 1e-6)]:
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k is not None:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p is not None:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        actual = filter_logits(logits, temperature, top_k, top_p)
+        assert torch.equal(actual.isinf(), expected.isinf()), (temperature, top_k, top_p)
+        torch.testing.assert_close(actual[~actual.isinf()], expected[~expected.isinf()])
+
+
+def test_sampling_is_reproducible_and_respects_top_k_and_top_p(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    model = fusedgpt.from_hf(hf_model("opt"))
+    ids, mask = left_padded([6, 3])
+    options = dict(max_new_tokens=24, do_sample=True, temperature=2.0)
+    first = model.generate(ids, mask, seed=1, **options)
+    assert torch.equal(first, model.generate(ids, mask, seed=1, **options))
+    assert not torch.equal(first, model.generate(ids, mask, seed=2, **options))
+    greedy = model.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, do_sample=True, top_k=1, seed=3), greedy)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=12, do_sample=True, top_p=1e-6, seed=3), greedy)
+    # Every drawn token lies in the top 3 of the logits that produced it (recomputed by a full forward).
+    drawn = model.generate(ids, mask, max_new_tokens=16, do_sample=True, temperature=5.0, top_k=3, seed=4)
+    full_mask = torch.cat([mask, torch.ones(2, 16, dtype=mask.dtype)], dim=1)
+    logits = model(drawn, full_mask)[:, 5:-1]  # the logits that chose tokens 6 .. 6 + 15
+    rank = (logits > logits.gather(-1, drawn[:, 6:, None])).sum(-1)
+    assert int(rank.max()) < 3
+
+
+def test_streamer_receives_every_token_in_order(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    model = fusedgpt.from_hf(hf_model("gpt_neo"))
+    ids, mask = left_padded([5, 8])
+    chunks = []
+    result = generate_with_stats(model, ids, mask, max_new_tokens=10, streamer=chunks.append, sync_every=4)
+    assert [chunk.shape[1] for chunk in chunks] == [4, 4, 2]
+    assert torch.equal(torch.cat(chunks, dim=1), result.ids[:, 8:])
+    assert result.prompt_tokens == 13 and result.decode_tokens == 2 * 9
+    assert result.prefill_seconds > 0 and result.decode_seconds > 0
+
+
+def test_static_cache_is_reused_and_replaced(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    model = fusedgpt.from_hf(hf_model("gpt2"))
+    ids, mask = left_padded([9, 4])
+    first = model.generate(ids, mask, max_new_tokens=6)
+    state = model._decode_state
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=6), first) and model._decode_state is state
+    model.generate(ids[:1], mask[:1], max_new_tokens=6)  # another batch size: a new cache
+    assert model._decode_state is not state
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=6), first)
+
+
+def test_position_limit_and_bad_arguments_are_errors(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    model = from_config(gpt2_config(n_positions=32))
+    ids = torch.randint(0, 100, (1, 20))
+    generate(model, ids, max_new_tokens=12)  # exactly 32 positions: fine
+    with pytest.raises(ValueError, match=r"\(20 tokens\) \+ max_new_tokens \(13\) has 33 positions .* has 32"):
+        generate(model, ids, max_new_tokens=13)
+    with pytest.raises(ValueError, match="row 1 has no tokens"):
+        generate(model, torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="not left-padded"):
+        generate(model, torch.zeros(1, 3, dtype=torch.int64), torch.tensor([[1, 1, 0]]))
+    for kwargs, message in [(dict(max_new_tokens=0), "max_new_tokens"),
+                            (dict(do_sample=True, temperature=0.0), "temperature"),
+                            (dict(do_sample=True, top_k=0), "top_k"), (dict(do_sample=True, top_p=1.5), "top_p"),
+                            (dict(sync_every=0), "sync_every"), (dict(cuda_graph=True), "cuda_graph=True")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, ids[:, :4], **{"max_new_tokens": 4, **kwargs})
+
+
+# ---- `fusedgpt generate` -------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny GPT-2 checkpoint directory with a byte-level BPE tokenizer trained on the spot."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = gpt2_config(vocab_size=tokenizer.get_vocab_size(), eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_cli_generate_streams_text_and_reports_tokens_per_second(monkeypatch, capsys, checkpoint):
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "the quick", "--max-new-tokens", "6",
+                 "--device", "cpu", "--seed", "0", "--temperature", "0.8", "--top-k", "20"]) == 0
+    out, err = capsys.readouterr()
+    tokenizer = fusedgpt.load_tokenizer(checkpoint)
+    prompt = torch.tensor([tokenizer.encode("the quick").ids])
+    ids = fusedgpt.from_pretrained(checkpoint).generate(prompt, max_new_tokens=6, do_sample=True, temperature=0.8,
+                                                        top_k=20, seed=0)
+    new = ids[0, prompt.shape[1]:].tolist()
+    new = new[:new.index(0)] if 0 in new else new  # the checkpoint's EOS is 0
+    assert out == "the quick" + tokenizer.decode(new) + "\n"
+    assert "prefill: 2 tokens" in err and "decode:" in err and "tokens/s" in err
+
+
+def test_cli_generate_batch_file(monkeypatch, capsys, checkpoint, tmp_path):
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the lazy dog\nfox\n")
+    assert main(["generate", "--model", str(checkpoint), "--batch-file", str(prompts), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "--- 0\nthe lazy dog" in out and "--- 1\nfox" in out and "batch 2" in err
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--model", "/nonexistent/model", "--prompt", "x"], "checkpoint directory not found: /nonexistent/model"),
+    (["--prompt", "x", "--dtype", "int8"], "dtype must be"),
+    (["--prompt", "x", "--temperature", "0", "--top-k", "3"], "greedy"),
+    (["--prompt", "x", "--max-new-tokens", "500"], "positions"),
+])
+def test_cli_generate_errors_are_one_line(monkeypatch, capsys, checkpoint, arguments, message):
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")
+    capsys.readouterr()  # drop what writing the checkpoint printed
+    if "--model" not in arguments:
+        arguments = ["--model", str(checkpoint)] + arguments
+    assert main(["generate", "--device", "cpu"] + arguments) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedgpt generate: error:") and message in err and "\n" not in err.split("error:", 1)[1]
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_cuda_graph_replay_matches_eager_steps(variant):
+    model = fusedgpt.from_hf(hf_model(variant).cuda())
+    ids, mask = left_padded([11, 6, 9])
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = model.generate(ids, mask, max_new_tokens=40, cuda_graph=False)
+    graphed = model.generate(ids, mask, max_new_tokens=40, cuda_graph=True)
+    assert model._decode_state.graph is not None
+    assert torch.equal(graphed, eager)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=40), eager)  # replayed graph, new prompt state
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_fp16_greedy_top1_agreement_with_transformers(variant):
+    """Reports the share of positions where fp16 fusedgpt and fp16 transformers pick the same token for
+    the same prefix (teacher forcing on transformers' own greedy output); the bar is loose (0.9)."""
+    hf = hf_model(variant).cuda().half()
+    model = fusedgpt.from_hf(hf)
+    ids, mask = left_padded([11, 6, 9])
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = _hf_greedy(hf, ids, mask, 32)
+    full_mask = torch.cat([mask, torch.ones(3, 32, dtype=mask.dtype, device="cuda")], dim=1)
+    ours = model(expected, full_mask)[:, 10:-1].argmax(-1)
+    agreement = (ours == expected[:, 11:]).float().mean().item()
+    print(f"{variant}: fp16 top-1 agreement with transformers {agreement:.3f}")
+    assert agreement >= 0.9
