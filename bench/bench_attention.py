@@ -45,7 +45,6 @@ takes several minutes: split it over calls with --dtypes / --cases and --merge i
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working dir
@@ -53,7 +52,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import fusedgpt  # noqa: E402
 from fusedgpt.ops import attention, attention_reference  # noqa: E402
 
 FAMILY = "attention"
@@ -168,26 +166,11 @@ def provider_function(provider: str, case: dict):
     raise ValueError(provider)
 
 
-def unavailable_providers(providers: list[str]) -> dict[str, str]:
-    """Providers that cannot run at all in this environment, with why (each gets error rows, not calls)."""
-    reasons = {}
-    if "fusedgpt-cuda" in providers:
-        if not fusedgpt.extension_available():
-            reasons["fusedgpt-cuda"] = "skipped: the CUDA extension is not available"
-        else:
-            probe = torch.randn(1, 16, 1, 64, dtype=torch.float16, device=DEVICE)
-            try:
-                attention(probe, probe, probe, causal=True, backend="cuda")
-            except Exception as error:  # today: ValueError, the CUDA attention kernel is not built yet
-                reasons["fusedgpt-cuda"] = "skipped: " + common.short_error(error)
-    if "flash-attn" in providers:
-        try:
-            import flash_attn  # noqa: F401
-        except Exception as error:  # ImportError, or a broken build (OSError, RuntimeError)
-            reasons["flash-attn"] = "not installed: " + common.short_error(error)
-    for provider, reason in reasons.items():
-        print(f"NOTE: {provider}: {reason}")
-    return reasons
+def probe_cuda() -> None:
+    """One tiny call of the CUDA backend (once per run, via common.unavailable_providers): when it raises,
+    fusedgpt-cuda gets error rows instead of calls."""
+    probe = torch.randn(1, 16, 1, 64, dtype=torch.float16, device=DEVICE)
+    attention(probe, probe, probe, causal=True, backend="cuda")
 
 
 def reference_slices(q, k, v, batches: list[int], causal_window: int | None, scale: float | None):
@@ -201,7 +184,9 @@ def reference_slices(q, k, v, batches: list[int], causal_window: int | None, sca
     return first, last
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
+             graph_calls: int) -> list[dict]:
+    """graph_calls is unused: no CUDA-graph latency for prefill."""
     batch, seq_len, heads, head_dim = case["batch"], case["seq_len"], case["heads"], case["head_dim"]
     window, scale = case["window"], case["scale"]
     label = case_label(case)
@@ -221,20 +206,11 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
         expected[None] = reference_slices(q, k, v, batches, None, scale)
 
     rows = []
-    for provider in providers:
-        mask = mask_name(window, provider)
-        fields = {**base_fields, "mask": mask}
-        if provider in unavailable:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=unavailable[provider]))
-            continue
-        try:
-            function, layout = provider_function(provider, case)
-        except Exception as error:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=common.short_error(error)))
-            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
-            continue
+    for provider, (function, layout), fields in common.providers_to_time(
+            rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
+            fields=lambda provider: {**base_fields, "mask": mask_name(window, provider)},
+            make_function=lambda provider: provider_function(provider, case)):
+        mask = fields["mask"]
         inputs = layouts[layout]
         computed_window = None if mask == "causal (no window)" else window
 
@@ -265,33 +241,14 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--cases", default=None,
-                        help="run only the cases whose label (e.g. 'B4 S4096 H16 D128 w256 s1') matches this "
-                             "regular expression (re.search)")
+    common.add_cases_option(parser, "B4 S4096 H16 D128 w256 s1")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_providers(args.providers, PROVIDERS)
-    cases = benchmark_cases(args.quick)
-    if args.cases:
-        cases = [case for case in cases if re.search(args.cases, case_label(case))]
-        if not cases:
-            raise SystemExit(f"--cases: no case label matches {args.cases!r}")
-    common.require_gpu()
-    common.print_environment(FAMILY)
-    torch.manual_seed(0)
-    rows = []
-    with torch.no_grad():
-        unavailable = unavailable_providers(providers)
-        for dtype in dtypes:
-            for case in cases:
-                print(f"{FAMILY}: {case_label(case)} {common.dtype_name(dtype)}", flush=True)
-                try:
-                    rows += run_case(case, dtype, providers, unavailable)
-                except Exception as error:  # e.g. out of memory while building the inputs
-                    print(f"  ERROR building case: {common.short_error(error)}")
-                    torch.cuda.empty_cache()
-    common.finish(rows, FAMILY, args, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS, plot_key="tflops",
-                  plot_label="TFLOP/s", plot_log_scale=False)
+    cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
+    common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
+                         announce_unavailable=True, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS, plot_key="tflops",
+                         plot_label="TFLOP/s", plot_log_scale=False)
     return 0
 
 

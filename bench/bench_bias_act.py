@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import fusedgpt  # noqa: E402
 from fusedgpt.ops import bias_act, bias_act_reference  # noqa: E402
 
 FAMILY = "bias_act"
@@ -80,7 +79,12 @@ def provider_function(provider: str, activation: str):
     raise ValueError(provider)
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: int) -> list[dict]:
+def describe_case(case: dict) -> str:
+    return f"{case['activation']} tokens={case['tokens']} width={case['hidden']}"
+
+
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
+             graph_calls: int) -> list[dict]:
     activation, tokens, width = case["activation"], case["tokens"], case["hidden"]
     label = f"{activation} {tokens}x{width}"
     fields = {"tokens": tokens, "hidden": width, "activation": activation}
@@ -95,24 +99,10 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: 
     with_graph = tokens <= SMALL_TOKENS
     element_size = torch.finfo(dtype).bits // 8
     rows = []
-    for provider in providers:
-        if provider == common.EMPTY_KERNEL_PROVIDER:
-            if with_graph:
-                rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                           bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
-                                           graph_calls=graph_calls))
-            continue
-        if provider == "fusedgpt-cuda" and not fusedgpt.extension_available():
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error="skipped: the CUDA extension is not available"))
-            continue
-        try:
-            function = provider_function(provider, activation)
-        except Exception as error:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=common.short_error(error)))
-            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
-            continue
+    for provider, function, fields in common.providers_to_time(
+            rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
+            fields=fields, make_function=lambda provider: provider_function(provider, activation),
+            with_graph=with_graph, graph_calls=graph_calls):
 
         def step(index: int, function=function):
             return function(input_sets[index % len(input_sets)][0], bias)
@@ -142,21 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in activations if name not in ACTIVATIONS]
     if unknown or not activations:
         parser.error(f"--activations: expected names among {ACTIVATIONS}, got {args.activations!r}")
-    common.require_gpu()
-    common.print_environment(FAMILY)
-    torch.manual_seed(0)
-    rows = []
-    with torch.no_grad():
-        for dtype in dtypes:
-            for case in benchmark_cases(args.quick, activations, args.all_activation_shapes):
-                print(f"{FAMILY}: {case['activation']} tokens={case['tokens']} width={case['hidden']} "
-                      f"{common.dtype_name(dtype)}", flush=True)
-                try:
-                    rows += run_case(case, dtype, providers, args.graph_calls)
-                except Exception as error:  # e.g. out of memory while building the inputs
-                    print(f"  ERROR building case: {common.short_error(error)}")
-                    torch.cuda.empty_cache()
-    common.finish(rows, FAMILY, args)
+    common.run_benchmark(FAMILY, args, dtypes, providers,
+                         benchmark_cases(args.quick, activations, args.all_activation_shapes), describe_case, run_case)
     return 0
 
 

@@ -48,7 +48,6 @@ Results: bench/results/<device>.csv (family "decode_attention") and <device>_dec
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working dir
@@ -56,7 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import fusedgpt  # noqa: E402
 from fusedgpt.ops import decode_attention, decode_attention_reference  # noqa: E402
 
 FAMILY = "decode_attention"
@@ -143,28 +141,13 @@ def provider_function(provider: str, window: int | None):
     raise ValueError(provider)
 
 
-def unavailable_providers(providers: list[str]) -> dict[str, str]:
-    """Providers that cannot run at all in this environment, with why (each gets error rows, not calls)."""
-    reasons = {}
-    if "fusedgpt-cuda" in providers:
-        if not fusedgpt.extension_available():
-            reasons["fusedgpt-cuda"] = "skipped: the CUDA extension is not available"
-        else:
-            q = torch.randn(1, 1, 1, 64, dtype=torch.float16, device=DEVICE)
-            cache = torch.zeros(1, 8, 1, 64, dtype=torch.float16, device=DEVICE)
-            lengths = torch.ones(1, dtype=torch.int32, device=DEVICE)
-            try:
-                decode_attention(q, cache, cache.clone(), lengths, k=q, v=q, backend="cuda")
-            except Exception as error:  # today: ValueError, the CUDA decode kernel is not built yet
-                reasons["fusedgpt-cuda"] = "skipped: " + common.short_error(error)
-    if "flash-attn" in providers:
-        try:
-            import flash_attn  # noqa: F401
-        except Exception as error:  # ImportError, or a broken build (OSError, RuntimeError)
-            reasons["flash-attn"] = "not installed: " + common.short_error(error)
-    for provider, reason in reasons.items():
-        print(f"NOTE: {provider}: {reason}")
-    return reasons
+def probe_cuda() -> None:
+    """One tiny call of the CUDA backend (once per run, via common.unavailable_providers): when it raises,
+    fusedgpt-cuda gets error rows instead of calls."""
+    q = torch.randn(1, 1, 1, 64, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(1, 8, 1, 64, dtype=torch.float16, device=DEVICE)
+    lengths = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    decode_attention(q, cache, cache.clone(), lengths, k=q, v=q, backend="cuda")
 
 
 def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
@@ -211,24 +194,10 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
     with_graph = batch == 1
     rows = []
-    for provider in providers:
-        if provider == common.EMPTY_KERNEL_PROVIDER:
-            if with_graph:
-                rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                           bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
-                                           graph_calls=graph_calls))
-            continue
-        if provider in unavailable:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=unavailable[provider]))
-            continue
-        try:
-            function = provider_function(provider, window)
-        except Exception as error:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=common.short_error(error)))
-            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
-            continue
+    for provider, function, fields in common.providers_to_time(
+            rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
+            fields=fields, make_function=lambda provider: provider_function(provider, window),
+            with_graph=with_graph, graph_calls=graph_calls):
         appending = provider in APPENDING
 
         if provider == "sdpa":
@@ -267,32 +236,13 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--cases", default=None,
-                        help="run only the cases whose label (e.g. 'B1 L8192 H32 D128 w256') matches this "
-                             "regular expression (re.search)")
+    common.add_cases_option(parser, "B1 L8192 H32 D128 w256")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_providers(args.providers, PROVIDERS)
-    cases = benchmark_cases(args.quick)
-    if args.cases:
-        cases = [case for case in cases if re.search(args.cases, case_label(case))]
-        if not cases:
-            raise SystemExit(f"--cases: no case label matches {args.cases!r}")
-    common.require_gpu()
-    common.print_environment(FAMILY)
-    torch.manual_seed(0)
-    rows = []
-    with torch.no_grad():
-        unavailable = unavailable_providers(providers)
-        for dtype in dtypes:
-            for case in cases:
-                print(f"{FAMILY}: {case_label(case)} {common.dtype_name(dtype)}", flush=True)
-                try:
-                    rows += run_case(case, dtype, providers, unavailable, args.graph_calls)
-                except Exception as error:  # e.g. out of memory while building the inputs
-                    print(f"  ERROR building case: {common.short_error(error)}")
-                    torch.cuda.empty_cache()
-    common.finish(rows, FAMILY, args, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS)
+    cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
+    common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
+                         announce_unavailable=True, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS)
     return 0
 
 

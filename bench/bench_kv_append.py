@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import fusedgpt  # noqa: E402
 from fusedgpt.ops import kv_append  # noqa: E402
 
 FAMILY = "kv_append"
@@ -88,7 +87,12 @@ def provider_function(provider: str):
     raise ValueError(provider)
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: int) -> list[dict]:
+def describe_case(case: dict) -> str:
+    return f"B={case['batch']} T={case['new_tokens']} H={case['heads']} D={case['head_dim']}"
+
+
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
+             graph_calls: int) -> list[dict]:
     batch, tokens, heads, head_dim = case["batch"], case["new_tokens"], case["heads"], case["head_dim"]
     label = f"B{batch} T{tokens} H{heads} D{head_dim}"
     fields = {"batch": batch, "new_tokens": tokens, "heads": heads, "head_dim": head_dim, "max_len": MAX_LEN,
@@ -108,23 +112,9 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: 
 
     all_bytes = 4 * new_bytes + positions.numel() * positions.element_size()
     rows = []
-    for provider in providers:
-        if provider == common.EMPTY_KERNEL_PROVIDER:
-            rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                       bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
-                                       graph_calls=graph_calls))
-            continue
-        if provider == "fusedgpt-cuda" and not fusedgpt.extension_available():
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error="skipped: the CUDA extension is not available"))
-            continue
-        try:
-            function = provider_function(provider)
-        except Exception as error:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=common.short_error(error)))
-            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
-            continue
+    for provider, function, fields in common.providers_to_time(
+            rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
+            fields=fields, make_function=provider_function, with_graph=True, graph_calls=graph_calls):
 
         def step(index: int, function=function) -> None:
             k_cache, v_cache = cache_sets[index % len(cache_sets)]
@@ -183,21 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_providers(args.providers, PROVIDERS)
-    common.require_gpu()
-    common.print_environment(FAMILY)
-    torch.manual_seed(0)
-    rows = []
-    with torch.no_grad():
-        for dtype in dtypes:
-            for case in benchmark_cases(args.quick):
-                print(f"{FAMILY}: B={case['batch']} T={case['new_tokens']} H={case['heads']} "
-                      f"D={case['head_dim']} {common.dtype_name(dtype)}", flush=True)
-                try:
-                    rows += run_case(case, dtype, providers, args.graph_calls)
-                except Exception as error:  # e.g. out of memory while building the inputs
-                    print(f"  ERROR building case: {common.short_error(error)}")
-                    torch.cuda.empty_cache()
-    common.finish(rows, FAMILY, args, speedup_peers=("torch-compile", "torch-eager", COPY_K_ONLY))
+    rows = common.run_benchmark(FAMILY, args, dtypes, providers, benchmark_cases(args.quick), describe_case,
+                                run_case, speedup_peers=("torch-compile", "torch-eager", COPY_K_ONLY))
     print_bar(rows)
     return 0
 

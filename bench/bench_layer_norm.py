@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import fusedgpt  # noqa: E402
 from fusedgpt.ops import layer_norm, layer_norm_reference  # noqa: E402
 
 FAMILY = "layer_norm"
@@ -75,7 +74,12 @@ def provider_function(provider: str):
     raise ValueError(provider)
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: int) -> list[dict]:
+def describe_case(case: dict) -> str:
+    return f"tokens={case['tokens']} hidden={case['hidden']} residual={case['residual']}"
+
+
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
+             graph_calls: int) -> list[dict]:
     tokens, hidden, has_residual = case["tokens"], case["hidden"], case["residual"]
     label = f"{tokens}x{hidden} {'res' if has_residual else 'nores'}"
     fields = {"tokens": tokens, "hidden": hidden, "residual": int(has_residual)}
@@ -98,24 +102,9 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], graph_calls: 
     with_graph = tokens <= SMALL_TOKENS
     element_size = torch.finfo(dtype).bits // 8
     rows = []
-    for provider in providers:
-        if provider == common.EMPTY_KERNEL_PROVIDER:
-            if with_graph:
-                rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                           bytes_moved=0, step=common.empty_kernel_step(), with_graph=True,
-                                           graph_calls=graph_calls))
-            continue
-        if provider == "fusedgpt-cuda" and not fusedgpt.extension_available():
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error="skipped: the CUDA extension is not available"))
-            continue
-        try:
-            function = provider_function(provider)
-        except Exception as error:
-            rows.append(common.error_row(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                         error=common.short_error(error)))
-            print(f"  ERROR {label} {provider}: {rows[-1]['error']}")
-            continue
+    for provider, function, fields in common.providers_to_time(
+            rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
+            fields=fields, make_function=provider_function, with_graph=with_graph, graph_calls=graph_calls):
 
         def step(index: int, function=function):
             x_i, residual_i = inputs(index)
@@ -143,21 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_providers(args.providers, PROVIDERS)
-    common.require_gpu()
-    common.print_environment(FAMILY)
-    torch.manual_seed(0)
-    rows = []
-    with torch.no_grad():
-        for dtype in dtypes:
-            for case in benchmark_cases(args.quick):
-                print(f"{FAMILY}: tokens={case['tokens']} hidden={case['hidden']} residual={case['residual']} "
-                      f"{common.dtype_name(dtype)}", flush=True)
-                try:
-                    rows += run_case(case, dtype, providers, args.graph_calls)
-                except Exception as error:  # e.g. out of memory while building the inputs
-                    print(f"  ERROR building case: {common.short_error(error)}")
-                    torch.cuda.empty_cache()
-    common.finish(rows, FAMILY, args)
+    common.run_benchmark(FAMILY, args, dtypes, providers, benchmark_cases(args.quick), describe_case, run_case)
     return 0
 
 

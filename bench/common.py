@@ -11,6 +11,10 @@ nothing. It holds
   - rows: `measure` (one provider x case, exceptions turned into an error row; GB/s from a byte count
     and, for compute-bound families such as attention, TFLOP/s from a FLOP count), `add_speedups`,
     `print_table`, `print_speedups`;
+  - the loops every script shares: `run_benchmark` (seed, dtypes x cases, a failed case set-up printed
+    and skipped, then `finish`), `unavailable_providers` (fusedgpt-cuda without the extension or failing
+    a probe, flash-attn not installed) and `providers_to_time` (a case's provider loop: the empty kernel,
+    unavailable providers and a provider that fails to set up become rows there; it yields the others);
   - results: bench/results/<device-slug>.csv (rows of other families kept, this family's replaced, or
     with --merge only the (case, dtype, provider) rows measured again) and
     bench/results/<device-slug>_<family>.png (grouped bars of GB/s, or of another metric such as
@@ -105,6 +109,23 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
                         help="keep this family's earlier rows in the CSV, replacing only the (case, dtype, "
                              "provider) rows measured again (to split one family's run over several calls)")
     return parser
+
+
+def add_cases_option(parser: argparse.ArgumentParser, example_label: str) -> None:
+    """--cases REGEX, for a script whose case labels are worth selecting (see `select_cases`)."""
+    parser.add_argument("--cases", default=None,
+                        help=f"run only the cases whose label (e.g. '{example_label}') matches this "
+                             "regular expression (re.search)")
+
+
+def select_cases(cases: list[dict], pattern: str | None, case_label: Callable[[dict], str]) -> list[dict]:
+    """The cases whose case_label(case) matches --cases (all of them without it); none is an error."""
+    if not pattern:
+        return cases
+    cases = [case for case in cases if re.search(pattern, case_label(case))]
+    if not cases:
+        raise SystemExit(f"--cases: no case label matches {pattern!r}")
+    return cases
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:
@@ -348,6 +369,69 @@ def error_row(*, family: str, case: str, provider: str, dtype: torch.dtype, fiel
             "error": error}
 
 
+CUDA_EXTENSION_MISSING = "skipped: the CUDA extension is not available"
+
+
+def unavailable_providers(providers: Sequence[str], *, cuda_probe: Callable[[], object] | None = None,
+                          announce: bool = False) -> dict[str, str]:
+    """Providers that cannot run at all in this environment, with why (each gets error rows, not calls):
+    fusedgpt-cuda without the CUDA extension, or when `cuda_probe()` (one tiny call of the op's CUDA
+    backend, once per run) raises; flash-attn when `import flash_attn` fails. `announce` prints a NOTE
+    line per provider."""
+    import fusedgpt
+
+    reasons = {}
+    if "fusedgpt-cuda" in providers:
+        if not fusedgpt.extension_available():
+            reasons["fusedgpt-cuda"] = CUDA_EXTENSION_MISSING
+        elif cuda_probe is not None:
+            try:
+                cuda_probe()
+            except Exception as error:  # e.g. ValueError: the op's CUDA kernel cannot run here
+                reasons["fusedgpt-cuda"] = "skipped: " + short_error(error)
+    if "flash-attn" in providers:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as error:  # ImportError, or a broken build (OSError, RuntimeError)
+            reasons["flash-attn"] = "not installed: " + short_error(error)
+    if announce:
+        for provider, reason in reasons.items():
+            print(f"NOTE: {provider}: {reason}")
+    return reasons
+
+
+def providers_to_time(rows: list[dict], *, family: str, case: str, dtype: torch.dtype,
+                      providers: Sequence[str], unavailable: dict[str, str],
+                      fields: dict | Callable[[str], dict], make_function: Callable[[str], object],
+                      with_graph: bool = False, graph_calls: int = 0):
+    """The provider loop of a bench script's run_case: yields (provider, make_function(provider), fields)
+    for each provider the script must time itself, in order, and appends to `rows` the rows it settles
+    on its own: the empty kernel (measured here, only when `with_graph`: its floor is a graph-replay
+    latency), an error row for a provider in `unavailable`, and an error row (printed) when
+    make_function raises. `fields` is the case's row fields, or a function of the provider giving them."""
+    for provider in providers:
+        provider_fields = fields(provider) if callable(fields) else fields
+        if provider == EMPTY_KERNEL_PROVIDER:
+            if with_graph:
+                rows.append(measure(family=family, case=case, provider=provider, dtype=dtype, fields=provider_fields,
+                                    bytes_moved=0, step=empty_kernel_step(), with_graph=True,
+                                    graph_calls=graph_calls))
+            continue
+        if provider in unavailable:
+            rows.append(error_row(family=family, case=case, provider=provider, dtype=dtype, fields=provider_fields,
+                                  error=unavailable[provider]))
+            continue
+        try:
+            function = make_function(provider)
+        except Exception as error:
+            rows.append(error_row(family=family, case=case, provider=provider, dtype=dtype, fields=provider_fields,
+                                  error=short_error(error)))
+            print(f"  ERROR {case} {provider}: {rows[-1]['error']}")
+            continue
+        yield provider, function, provider_fields
+        del function  # not kept alive while the next provider is set up
+
+
 def add_speedups(rows: list[dict], peers: Sequence[str] = PEERS) -> None:
     """Fills ratio_vs_<peer> (peer ms / row ms) and graph_ratio_vs_<peer> (peer us_graph / row us_graph)
     for every row of the same (family, case, dtype) as a peer row measured in this run."""
@@ -577,6 +661,39 @@ def finish(rows: list[dict], family: str, args: argparse.Namespace,
             plot = None
         if plot is not None:
             print(f"wrote {plot}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driving a run
+# ----------------------------------------------------------------------------------------------------
+
+def run_benchmark(family: str, args: argparse.Namespace, dtypes: Sequence[torch.dtype], providers: Sequence[str],
+                  cases: Sequence[dict], describe_case: Callable[[dict], str],
+                  run_case: Callable[[dict, torch.dtype, list[str], dict[str, str], int], list[dict]], *,
+                  cuda_probe: Callable[[], object] | None = None, announce_unavailable: bool = False,
+                  **finish_kwargs) -> list[dict]:
+    """The main loop of every bench script, after its arguments are parsed: require a GPU, print the
+    environment, seed, then under torch.no_grad() find the unavailable providers (`unavailable_providers`
+    with `cuda_probe`, `announce_unavailable`) and, for each dtype and case, print
+    "<family>: <describe_case(case)> <dtype>" and collect run_case(case, dtype, providers, unavailable,
+    args.graph_calls); a case whose set-up raises (e.g. out of memory while building the inputs) is
+    printed and skipped. Ends with `finish` (given `finish_kwargs`); returns the rows."""
+    require_gpu()
+    print_environment(family)
+    torch.manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        unavailable = unavailable_providers(providers, cuda_probe=cuda_probe, announce=announce_unavailable)
+        for dtype in dtypes:
+            for case in cases:
+                print(f"{family}: {describe_case(case)} {dtype_name(dtype)}", flush=True)
+                try:
+                    rows += run_case(case, dtype, providers, unavailable, args.graph_calls)
+                except Exception as error:  # e.g. out of memory while building the inputs
+                    print(f"  ERROR building case: {short_error(error)}")
+                    torch.cuda.empty_cache()
+    finish(rows, family, args, **finish_kwargs)
+    return rows
 
 
 def stack_pngs(paths: Sequence[Path | str], out_path: Path | str) -> Path | None:
