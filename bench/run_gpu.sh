@@ -16,7 +16,9 @@
 # Only PNGs written by this run are brought back (none left from an earlier run).
 # Exits with pytest's status (5 means no GPU test was collected); sanitizer and benchmark failures are
 # reported in the summary. Optional environment:
-#   BENCH_FAMILIES   default "layer_norm bias_act kv_append attention decode_attention"
+#   BENCH_FAMILIES   default "layer_norm bias_act kv_append attention decode_attention"; also "generate"
+#                    (bench_generate.py, issue 5) and "patching" (bench_patching.py, issue 6), each
+#                    best in a call of its own (several minutes per model)
 #   BENCH_ARGS       passed to every benchmark script, e.g. "--quick" (each script's smoke run, well
 #                    under a minute of GPU time), "--dtypes bf16", "--merge" (keep the family's earlier
 #                    CSV rows other than those measured again)
