@@ -98,38 +98,6 @@ QUICK_MODELS = ("gpt2-124m",)
 QUICK_CASES = ((1, 128, 32),)
 
 
-def _gpt2_124m():
-    import transformers
-
-    return transformers.GPT2Config()  # the defaults are GPT-2 small: 768 wide, 12 layers, 12 heads, 1024 positions
-
-
-def _opt(hidden: int, layers: int, heads: int):
-    import transformers
-
-    return transformers.OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
-                                  num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=2048,
-                                  do_layer_norm_before=True, activation_function="relu")
-
-
-def _gpt_neo(hidden: int, layers: int, heads: int):
-    import transformers
-
-    return transformers.GPTNeoConfig(vocab_size=50257, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                                     attention_types=[[["global", "local"], layers // 2]], window_size=256,
-                                     max_position_embeddings=2048, activation_function="gelu_new")
-
-
-# name -> transformers config factory, with the published sizes (facebook/opt-*, EleutherAI/gpt-neo-*, gpt2).
-MODEL_CONFIGS = {
-    "gpt2-124m": _gpt2_124m,
-    "opt-125m": lambda: _opt(768, 12, 12),
-    "gpt-neo-125m": lambda: _gpt_neo(768, 12, 12),
-    "opt-1.3b": lambda: _opt(2048, 24, 32),
-    "gpt-neo-1.3b": lambda: _gpt_neo(2048, 24, 16),
-}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +308,7 @@ def run_model(model_name: str, dtype: torch.dtype, cases, providers: list[str], 
               copy_gbps: float | None) -> list[dict]:
     import fusedgpt
 
-    hf_config = MODEL_CONFIGS[model_name]()
+    hf_config = common.MODEL_CONFIGS[model_name]()
     gpt_config = fusedgpt.models.convert_config(hf_config)
     element_size = torch.finfo(dtype).bits // 8
     torch.manual_seed(SEED)
@@ -499,11 +467,11 @@ def finish(rows: list[dict], args) -> None:
 
 def parse_models(text: str | None, quick: bool) -> list[str]:
     if text is None:
-        return list(QUICK_MODELS if quick else MODEL_CONFIGS)
+        return list(QUICK_MODELS if quick else common.MODEL_CONFIGS)
     wanted = [part.strip().lower() for part in text.split(",") if part.strip()]
-    unknown = [name for name in wanted if name not in MODEL_CONFIGS]
+    unknown = [name for name in wanted if name not in common.MODEL_CONFIGS]
     if unknown or not wanted:
-        raise SystemExit(f"--models: unknown {unknown or text!r}; this script has {list(MODEL_CONFIGS)}")
+        raise SystemExit(f"--models: unknown {unknown or text!r}; this script has {list(common.MODEL_CONFIGS)}")
     return list(dict.fromkeys(wanted))
 
 
@@ -516,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--graph-calls" in action.option_strings:
             action.help = argparse.SUPPRESS  # no CUDA-graph latency here: whole generate calls are timed
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated models among {', '.join(MODEL_CONFIGS)} (default: all; "
+                        help=f"comma-separated models among {', '.join(common.MODEL_CONFIGS)} (default: all; "
                              f"--quick: {', '.join(QUICK_MODELS)})")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                         help=f"timed calls per provider and case, after one warm-up; the median is reported "

@@ -142,15 +142,56 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return dtypes
 
 
-def parse_providers(text: str | None, known: Sequence[str]) -> list[str]:
-    """The providers to run, in the script's order; unknown names are an error."""
+def parse_choices(text: str | None, known: Sequence[str], option: str) -> list[str]:
+    """The comma-separated names of `option` to run, in the script's order (all when None); unknown
+    names are an error."""
     if text is None:
         return list(known)
     wanted = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in wanted if name not in known]
     if unknown:
-        raise SystemExit(f"--providers: unknown {unknown}; this script has {list(known)}")
+        raise SystemExit(f"{option}: unknown {unknown}; this script has {list(known)}")
     return [name for name in known if name in wanted]
+
+
+def parse_providers(text: str | None, known: Sequence[str]) -> list[str]:
+    return parse_choices(text, known, "--providers")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real-size models (random weights) for the end-to-end benchmarks (bench_generate.py, bench_patching.py)
+# ----------------------------------------------------------------------------------------------------
+
+def _gpt2_124m():
+    import transformers
+
+    return transformers.GPT2Config()  # the defaults are GPT-2 small: 768 wide, 12 layers, 12 heads, 1024 positions
+
+
+def _opt(hidden: int, layers: int, heads: int):
+    import transformers
+
+    return transformers.OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
+                                  num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=2048,
+                                  do_layer_norm_before=True, activation_function="relu")
+
+
+def _gpt_neo(hidden: int, layers: int, heads: int):
+    import transformers
+
+    return transformers.GPTNeoConfig(vocab_size=50257, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                     attention_types=[[["global", "local"], layers // 2]], window_size=256,
+                                     max_position_embeddings=2048, activation_function="gelu_new")
+
+
+# name -> transformers config factory, with the published sizes (facebook/opt-*, EleutherAI/gpt-neo-*, gpt2).
+MODEL_CONFIGS = {
+    "gpt2-124m": _gpt2_124m,
+    "opt-125m": lambda: _opt(768, 12, 12),
+    "gpt-neo-125m": lambda: _gpt_neo(768, 12, 12),
+    "opt-1.3b": lambda: _opt(2048, 24, 32),
+    "gpt-neo-1.3b": lambda: _gpt_neo(2048, 24, 16),
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

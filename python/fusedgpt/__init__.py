@@ -6,8 +6,10 @@ and `fusedgpt.generation` their generation loop; `fusedgpt info` says what this 
 from fusedgpt import models, nn, ops
 from fusedgpt._extension import extension_available, extension_cuda_archs, extension_unavailable_reason
 from fusedgpt.models import from_config, from_hf, from_pretrained, load_tokenizer
+from fusedgpt.patching import patch, patch_gpt2, patch_gpt_neo, patch_opt, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["models", "nn", "ops", "from_config", "from_hf", "from_pretrained", "load_tokenizer",
-           "extension_available", "extension_cuda_archs", "extension_unavailable_reason", "__version__"]
+           "extension_available", "extension_cuda_archs", "extension_unavailable_reason", "__version__",
+           "patch", "unpatch", "patch_gpt2", "patch_opt", "patch_gpt_neo"]
