@@ -107,3 +107,14 @@ def test_linear_act_is_a_drop_in_linear():
         torch.testing.assert_close(relu(x), torch.relu(x @ relu.weight.t()))
     with pytest.raises(ValueError, match="activation must be one of"):
         fusedgpt.nn.LinearAct(4, 4, activation="tanh")
+
+
+def test_linear_act_under_autocast_casts_its_bias():
+    fused = fusedgpt.nn.LinearAct(64, 32, activation="relu")
+    x = torch.randn(3, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = torch.relu(x @ fused.weight.t() + fused.bias)
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)

@@ -171,3 +171,12 @@ def test_drop_in_module_matches_torch_layer_norm():
     assert list(no_bias.state_dict()) == ["weight"]
     with pytest.raises(ValueError, match="normalized_shape must be one dim"):
         fusedgpt.nn.LayerNorm((4, 64))
+
+
+def test_drop_in_module_under_autocast_casts_its_parameters():
+    fused = fusedgpt.nn.LayerNorm(64)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), torch.nn.functional.layer_norm(x.float(), (64,)), rtol=0.02, atol=0.02)

@@ -22,7 +22,10 @@ class LinearAct(torch.nn.Linear):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_act(torch.nn.functional.linear(x, self.weight), self.bias, self.activation)
+        h = torch.nn.functional.linear(x, self.weight)
+        # Under autocast h is in the autocast dtype while the bias stays fp32: cast the N-element bias.
+        bias = self.bias if self.bias is None or self.bias.dtype == h.dtype else self.bias.to(h.dtype)
+        return bias_act(h, bias, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

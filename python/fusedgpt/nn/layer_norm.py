@@ -23,4 +23,7 @@ class LayerNorm(torch.nn.LayerNorm):
                              f"got {self.normalized_shape}")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+        # Parameters in another dtype than x (fp32 weights under autocast): cast the C-element vectors.
+        weight = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return layer_norm(x, weight, bias, self.eps, residual)

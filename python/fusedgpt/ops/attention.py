@@ -125,7 +125,7 @@ def _check(q, k, v, causal, window, scale, kv_start) -> None:
     if window is not None and not causal:
         raise ValueError("fusedgpt.ops.attention: window needs causal=True (a sliding window looks back only)")
     if kv_start is not None:
-        check_int32_per_sequence(op, "kv_start", kv_start, batch, q.device, allow_cpu=False)
+        check_int32_per_sequence(op, "kv_start", kv_start, batch, q.device, allow_cpu=True)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
@@ -137,13 +137,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     (float64 on the torch backend). The queries are the last Sq key positions (bottom-right aligned).
     causal: key j visible to query position p iff j <= p. window=W (causal only): also j > p - W; tiles
     outside the window are skipped, so the work is O(S * W). scale: defaults to D^-0.5 (GPT-Neo: 1.0).
-    kv_start int32 [B] on q's device: keys before it are left padding; a query with no visible key
-    returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
+    kv_start int32 [B] (on q's device; a CPU tensor is copied there): keys before it are left padding;
+    a query with no visible key returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
     Backends: "cuda" (float16/bfloat16, D in 64/80/96/128, 16-byte aligned rows), "triton" (any float
     dtype, D up to 256; float32 with IEEE dots), "torch" (the reference, O(S^2) memory, any D). The
     kernels are inference-only: calls that need autograd use the reference."""
     _check(q, k, v, causal, window, scale, kv_start)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    kv_start = kv_start.to(q.device) if kv_start is not None else None  # a CPU one is copied over
     unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
                                           cuda_dtypes=(torch.float16, torch.bfloat16))
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
