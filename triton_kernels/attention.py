@@ -45,6 +45,32 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs
 
 
+@triton.jit
+def _tile_scores(q, k, IEEE: tl.constexpr):
+    """q (M, D) . k (D, N) in fp32; exact (no tf32) for fp32 inputs."""
+    if IEEE:
+        return tl.dot(q, k, input_precision="ieee")
+    return tl.dot(q, k)
+
+
+@triton.jit
+def _online_softmax_step(scores, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Folds one key tile into the running softmax: scores (M, N) in log2 units with invisible keys at
+    -inf, v (N, D). Returns the new running max m, normaliser l and unnormalised accumulator. A row that
+    has seen no visible key keeps m = -inf, l = 0, acc = 0 (no NaN: its max is taken as 0)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc += tl.dot(p, v, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.autotune(
     configs=_INTERPRETER_CONFIGS if _interpreting() else _GPU_CONFIGS,
     key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KV_START", "IEEE"],
@@ -110,11 +136,7 @@ def _attention_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
                     mask=(offs_n[None, :] < kv_len) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        if IEEE:
-            scores = tl.dot(q, k, input_precision="ieee")
-        else:
-            scores = tl.dot(q, k)
-        scores = scores * scale_log2
+        scores = _tile_scores(q, k, IEEE) * scale_log2
         # Only tiles that cross a bound need the mask; those strictly inside every bound (the common
         # case off the diagonal) skip it.
         crosses = (n0 < start) | (n0 + BLOCK_N > kv_len)
@@ -129,19 +151,9 @@ def _attention_fwd_kernel(
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
             scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
                     mask=(offs_n[:, None] < kv_len) & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None]
-        if IEEE:
-            acc += tl.dot(p, v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: acc is 0, the output too
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedgpt.triton_kernels.attention import LOG2_E
+from fusedgpt.triton_kernels.attention import LOG2_E, _online_softmax_step, _tile_scores
 
 
 @triton.jit
@@ -113,11 +113,7 @@ def _decode_attention_split_kernel(
                          mask=from_new[None, :] & d_mask[:, None], other=0.0)
             v += tl.load(V_NEW + b * stride_vnb + h * stride_vnh + new_index[:, None] * stride_vnt + offs_d[None, :],
                          mask=from_new[:, None] & d_mask[None, :], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, k, input_precision="ieee")
-        else:
-            scores = tl.dot(q, k)
-        scores = scores * scale_log2
+        scores = _tile_scores(q, k, IEEE) * scale_log2
         visible = (offs_n[None, :] < split_hi) & (offs_n[None, :] <= query_pos[:, None])
         visible = visible & (offs_n[None, :] >= lo)
         if not HAS_NEW:
@@ -125,17 +121,7 @@ def _decode_attention_split_kernel(
         if HAS_WINDOW:
             visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if IEEE:
-            acc += tl.dot(p, v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
 
     part = batch_head.to(tl.int64) * num_splits + split
     tl.store(PART_ACC + (part * BLOCK_T + offs_t[:, None]) * BLOCK_D + offs_d[None, :], acc)

@@ -112,6 +112,25 @@ def take(state: dict, key: str) -> Tensor:
     return state.pop(key)
 
 
+def take_gpt2_style_ends(state: dict, prefix: str) -> dict:
+    """The token / position embeddings and final norm of GPT-2-style checkpoints (GPT-2, GPT-Neo):
+    wte, wpe, ln_f under `prefix` -> GPT's names (removed from `state`)."""
+    return {
+        "embed_tokens.weight": take(state, prefix + "wte.weight"),
+        "embed_positions.weight": take(state, prefix + "wpe.weight"),
+        "ln_final.weight": take(state, prefix + "ln_f.weight"),
+        "ln_final.bias": take(state, prefix + "ln_f.bias"),
+    }
+
+
+def take_lm_head(state: dict, out: dict, config: GPTConfig) -> None:
+    """Moves lm_head.weight into `out` unless the embeddings are tied (then a saved copy is dropped)."""
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    else:
+        out["lm_head.weight"] = take(state, "lm_head.weight")
+
+
 def left_padding(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
     """kv_start int32 [B]: the number of leading pad tokens per sequence (None without a mask).
 

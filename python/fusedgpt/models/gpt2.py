@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import GPTConfig, activation_from_hf, hf_setting, take
+from fusedgpt.models.gpt import (GPTConfig, activation_from_hf, hf_setting, take, take_gpt2_style_ends,
+                                 take_lm_head)
 
 MODEL_TYPE = "gpt2"
 
@@ -58,12 +59,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tup
     checkpoints) -> GPT's state dict, plus the checkpoint keys left unused."""
     state = dict(state)
     prefix = "transformer." if any(key.startswith("transformer.") for key in state) else ""
-    out = {
-        "embed_tokens.weight": take(state, prefix + "wte.weight"),
-        "embed_positions.weight": take(state, prefix + "wpe.weight"),
-        "ln_final.weight": take(state, prefix + "ln_f.weight"),
-        "ln_final.bias": take(state, prefix + "ln_f.bias"),
-    }
+    out = take_gpt2_style_ends(state, prefix)
     for layer in range(config.num_layers):
         source, target = f"{prefix}h.{layer}.", f"blocks.{layer}."
         for name, hf_name in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2")):
@@ -73,9 +69,6 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tup
                               ("fc_out", "mlp.c_proj")):
             out[target + name + ".weight"] = take(state, source + hf_name + ".weight").t()  # Conv1D [in, out]
             out[target + name + ".bias"] = take(state, source + hf_name + ".bias")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
+    take_lm_head(state, out, config)
     unused = [key for key in state if not key.endswith(IGNORED_SUFFIXES)]
     return out, unused

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import GPTConfig, activation_from_hf, hf_setting, take
+from fusedgpt.models.gpt import (GPTConfig, activation_from_hf, hf_setting, take, take_gpt2_style_ends,
+                                 take_lm_head)
 
 MODEL_TYPE = "gpt_neo"
 
@@ -63,12 +64,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tup
     """Hugging Face GPTNeoForCausalLM tensors -> GPT's state dict, plus the checkpoint keys left unused."""
     state = dict(state)
     prefix = "transformer." if any(key.startswith("transformer.") for key in state) else ""
-    out = {
-        "embed_tokens.weight": take(state, prefix + "wte.weight"),
-        "embed_positions.weight": take(state, prefix + "wpe.weight"),
-        "ln_final.weight": take(state, prefix + "ln_f.weight"),
-        "ln_final.bias": take(state, prefix + "ln_f.bias"),
-    }
+    out = take_gpt2_style_ends(state, prefix)
     for layer in range(config.num_layers):
         source, target = f"{prefix}h.{layer}.", f"blocks.{layer}."
         attn = source + "attn.attention."
@@ -78,9 +74,6 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tup
         out[target + "qkv.weight"] = torch.cat([take(state, attn + f"{n}_proj.weight") for n in "qkv"])  # (3C, C)
         out[target + "out.weight"] = take(state, attn + "out_proj.weight")
         out[target + "out.bias"] = take(state, attn + "out_proj.bias")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
+    take_lm_head(state, out, config)
     unused = [key for key in state if not key.endswith(IGNORED_SUFFIXES)]
     return out, unused

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import GPTConfig, activation_from_hf, hf_setting, take
+from fusedgpt.models.gpt import GPTConfig, activation_from_hf, hf_setting, take, take_lm_head
 
 MODEL_TYPE = "opt"
 
@@ -76,8 +76,5 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> tup
         for target, source in norms:
             out[target + ".weight"] = take(state, source + ".weight")
             out[target + ".bias"] = take(state, source + ".bias")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
+    take_lm_head(state, out, config)
     return out, list(state)
