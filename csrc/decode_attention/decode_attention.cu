@@ -82,8 +82,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
   const bool dim_valid = lane_in_group < Traits::kUsedLanes;
   const bool has_new = p.k_new != nullptr;
 
-  const int cache_len = max(p.cache_lens[b], 0);
-  const int cached = min(cache_len, p.max_len);  // keys j < cached come from the cache
+  // Lengths outside [0, S_max] (corrupted) are clamped, as the reference does: the keys are then the
+  // whole cache, nothing is appended, and no loop runs past S_max + T keys.
+  const int cache_len = min(max(p.cache_lens[b], 0), p.max_len);
+  const int cached = cache_len;  // keys j < cached come from the cache
   const int seq_len = has_new ? cache_len + p.tokens : cache_len;
   const int position = seq_len - p.tokens + t;
 
@@ -93,7 +95,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
   const Element* v_new = has_new ? static_cast<const Element*>(p.v_new) + b * p.v_new_strides[0] + h * p.v_new_strides[2] : nullptr;
 
   // The fused append: split 0 of query t writes token t, when the whole block of new tokens fits.
-  if (has_new && split == 0 && warp == 0 && lane < Traits::kUsedLanes && cache_len + p.tokens <= p.max_len) {
+  if (has_new && split == 0 && warp == 0 && lane < Traits::kUsedLanes &&
+      cache_len <= p.max_len - p.tokens) {  // (written so that no int overflows, whatever cache_lens holds)
     const int64_t slot = cache_len + t;
     using V = Vec<Element, kVec>;
     *reinterpret_cast<V*>(static_cast<Element*>(p.k_cache) + b * p.k_cache_strides[0] + slot * p.k_cache_strides[1] +

@@ -121,6 +121,27 @@ def test_new_tokens_that_do_not_fit_are_attended_but_not_written(backend, device
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_absurd_device_lengths_never_write_out_of_bounds(backend, device):
+    """cache_lens near the int32 limit or far past S_max (corrupted lengths): clamped to S_max as the
+    reference does, so nothing is written, nothing is read past the cache, no loop runs over a billion
+    keys, and the result matches the reference."""
+    skip_unsupported(backend, device, torch.float32)
+    if backend == "torch":
+        pytest.skip("the reference reads lengths on the host and slices: it cannot go out of bounds")
+    q = torch.randn(2, 4, 2, 64, device=device)
+    k_cache, v_cache = torch.randn(2, 32, 2, 64, device=device), torch.randn(2, 32, 2, 64, device=device)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    cache_lens = torch.tensor([2**31 - 2, 10**9], dtype=torch.int32, device=device)
+    ops = {"triton": torch.ops.fusedgpt.decode_attention_triton, "cuda": getattr(torch.ops.fusedgpt, "decode_attention", None)}
+    args = (q, k_cache, v_cache, cache_lens, q.clone(), q.clone(), None, 0.125, None)
+    out = ops[backend](*args, None) if backend == "triton" else ops[backend](*args, 2)
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
+    reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), cache_lens,
+                                           k=q.double(), v=q.double(), scale=0.125)
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_out_of_range_lengths_are_reported_when_known_on_the_host(backend, device):
     skip_unsupported(backend, device, torch.float32)
     q = torch.randn(2, 2, 2, 64, device=device)
