@@ -146,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_impl(const char* op, const at::Ten
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor s = residual ? at::empty(x.sizes(), x.options()) : at::Tensor();
   if (x2.size(0) == 0) return {y, s};
+  FUSEDGPT_CHECK(x2.size(0) < (int64_t{1} << 31), op, "x has ", x2.size(0), " rows; at most 2^31 - 1 fit one launch");
 
   FUSEDGPT_DISPATCH_FLOAT_TYPES(x.scalar_type(), op, [&] {
     const auto ptr = [](const at::Tensor& t) {

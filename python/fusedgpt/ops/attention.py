@@ -81,7 +81,8 @@ def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
                             cuda_dtypes: tuple[torch.dtype, ...]) -> dict[str, str]:
     """What the attention kernels (prefill and decode) cannot serve: maps "cuda" / "triton" to the reason.
     The CUDA kernels take head dims 64/80/96/128, B * H <= 65535 and 16-byte aligned tensors whose
-    batch/seq/head strides are whole 16-byte vectors; the Triton kernels head dims up to 256."""
+    batch/seq/head strides are whole 16-byte vectors; the Triton kernels head dims up to 256 and
+    B * H <= 65535. What neither can serve runs on the reference."""
     unsupported = kernel_limits(q)
     batch, heads, dim = q.shape[0], q.shape[2], q.shape[3]
     vector = 16 // q.element_size()
@@ -101,6 +102,8 @@ def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
         unsupported.setdefault("cuda", cuda_reason)
     if dim > MAX_HEAD_DIM:
         unsupported["triton"] = f"head dim {dim} is above the kernels' limit of {MAX_HEAD_DIM}"
+    elif batch * heads > 65535:  # the launch grid's second axis
+        unsupported["triton"] = "the Triton kernel takes B * H <= 65535"
     return unsupported
 
 

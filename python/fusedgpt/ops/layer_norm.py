@@ -80,6 +80,8 @@ def _check(x, weight, bias, eps, residual) -> None:
     if not 1 <= columns <= MAX_COLUMNS:
         raise ValueError(f"fusedgpt.ops.layer_norm: x's last dim (hidden size) must be in [1, {MAX_COLUMNS}], "
                          f"got {columns}")
+    if x.numel() // columns >= 2**31:
+        raise ValueError(f"fusedgpt.ops.layer_norm: x has {x.numel() // columns} rows; at most 2^31 - 1 fit one launch")
     check_vector(op, "weight", weight, columns, "x", x)
     check_vector(op, "bias", bias, columns, "x", x)
     if residual is not None:
