@@ -17,9 +17,13 @@ from fusedgpt._extension import extension_available, extension_unavailable_reaso
 
 BACKENDS = ("cuda", "triton", "torch")
 
-# Fastest first, per family and compute capability, from bench/results/<device>.csv. A family or
-# architecture without a measurement uses DEFAULT_ORDER.
-MEASURED_ORDER: dict[str, dict[tuple[int, int], tuple[str, ...]]] = {}
+# Fastest first, per family, compute capability and size, from bench/results/<device>.csv:
+#   MEASURED_ORDER[family][(major, minor)] = [(largest size, order), ...]   ascending sizes; the last
+#   entry's size may be None (no upper bound).
+# The size of a call is the number of elements of its main input, as each op passes it (layer_norm and
+# bias_act: x; kv_append: k; attention: q + k; decode_attention: the cache's keys up to S_max). A
+# family, architecture or size without a measurement uses DEFAULT_ORDER.
+MEASURED_ORDER: dict[str, dict[tuple[int, int], list[tuple[int | None, tuple[str, ...]]]]] = {}
 # No GPU run has measured (or even executed) the CUDA kernels yet: they compile, and their argument
 # checks are tested, but the Triton kernels have been verified against the reference (under the
 # interpreter), so they come first until bench/results/ says otherwise.
@@ -54,12 +58,21 @@ def _unavailable(name: str, device: torch.device, unsupported: dict[str, str]) -
     return None
 
 
+def measured_order(family: str, capability: tuple[int, int], size: int | None) -> tuple[str, ...]:
+    """The measured fastest-first backends for a call of `size` elements (DEFAULT_ORDER if none)."""
+    for largest, order in MEASURED_ORDER.get(family, {}).get(capability, []):
+        if largest is None or size is None or size <= largest:
+            return tuple(order)
+    return DEFAULT_ORDER
+
+
 def choose_backend(family: str, device: torch.device, backend: str | None = None, *,
-                   unsupported: dict[str, str] | None = None) -> str:
+                   unsupported: dict[str, str] | None = None, size: int | None = None) -> str:
     """The backend that runs `family` on `device`; raises ValueError when an explicit choice cannot.
 
     `unsupported` maps a kernel backend to why it cannot serve this particular call (e.g. float64);
-    the automatic choice then skips it, and the reference ("torch") serves every case."""
+    the automatic choice then skips it, and the reference ("torch") serves every case. `size` (elements
+    of the main input) selects the measured order for that size (see MEASURED_ORDER)."""
     unsupported = unsupported or {}
     requested = _requested(backend)
     if requested != "auto":
@@ -70,7 +83,7 @@ def choose_backend(family: str, device: torch.device, backend: str | None = None
     if device.type == "cpu":
         order = ("triton",) if triton_interpreter_enabled() else ()
     elif device.type == "cuda":
-        order = MEASURED_ORDER.get(family, {}).get(torch.cuda.get_device_capability(device), DEFAULT_ORDER)
+        order = measured_order(family, torch.cuda.get_device_capability(device), size)
         _warn_once_without_extension()
     else:
         order = ()

@@ -151,7 +151,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
                                           cuda_dtypes=(torch.float16, torch.bfloat16))
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
-                                                                      unsupported=unsupported)
+                                                                      unsupported=unsupported,
+                                                                      size=q.numel() + k.numel())
     if chosen == "torch":
         return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
     if chosen == "cuda":

@@ -66,7 +66,7 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedgpt.ops.bias_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
     chosen = "torch" if needs_autograd(x, bias) else choose_backend(op, x.device, backend,
-                                                                      unsupported=kernel_limits(x))
+                                                                      unsupported=kernel_limits(x), size=x.numel())
     if chosen == "torch":
         return bias_act_reference(x, bias, activation)
     if chosen == "cuda":

@@ -152,7 +152,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     unsupported = attention_kernel_limits(q, (q, k_cache, v_cache, k, v), cuda_op_built=_CUDA_OP_BUILT,
                                           cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
     chosen = "torch" if needs_autograd(q, k, v) else choose_backend("decode_attention", q.device, backend,
-                                                                      unsupported=unsupported)
+                                                                      unsupported=unsupported,
+                                                                      size=k_cache.numel())
     if chosen == "torch":
         return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
                                           kv_start=kv_start)

@@ -113,7 +113,7 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
     elif check or positions.device.type == "cpu":
         _check_positions_in_range(positions, tokens, max_len)
     positions = positions.to(k_cache.device)
-    chosen = choose_backend("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache))
+    chosen = choose_backend("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache), size=k.numel())
     if chosen == "torch":
         kv_append_reference(k_cache, v_cache, k, v, positions)
     elif chosen == "cuda":

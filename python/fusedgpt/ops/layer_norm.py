@@ -104,7 +104,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """
     _check(x, weight, bias, eps, residual)
     chosen = "torch" if needs_autograd(x, weight, bias, residual) else choose_backend(
-        "layer_norm", x.device, backend, unsupported=kernel_limits(x))
+        "layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel())
     eps = float(eps)
     if chosen == "torch":
         return layer_norm_reference(x, weight, bias, eps, residual)
