@@ -86,3 +86,19 @@ def check_window_and_scale(op: str, window, scale) -> None:
         raise ValueError(f"fusedgpt.ops.{op}: window must be a positive int or None, got {window!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"fusedgpt.ops.{op}: scale must be a number or None, got {type(scale).__name__}")
+
+
+def check_head_tensors(op: str, named: list[tuple[str, torch.Tensor]]) -> None:
+    """[B, S, H, D] tensors of the attention-side ops: rank 4, float, unit stride on D."""
+    for name, tensor in named:
+        check_tensor(op, name, tensor, rank=4)
+        check_float(op, name, tensor)
+        check_unit_last_stride(op, name, tensor)
+
+
+def check_same_heads(op: str, name: str, value: torch.Tensor, seq: str, ref_name: str, ref: torch.Tensor) -> None:
+    """value [B, <seq>, H, D] with ref's B, H and D (its sequence length may differ)."""
+    batch, _, heads, dim = ref.shape
+    if (value.shape[0], value.shape[2], value.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [B, {seq}, H, D] = [{batch}, {seq}, {heads}, "
+                         f"{dim}] to match {ref_name}, got {tuple(value.shape)}")

@@ -13,8 +13,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
-                                  check_unit_last_stride, check_window_and_scale, kernel_limits, needs_autograd)
+from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
+                                  check_window_and_scale, kernel_limits, needs_autograd)
 from fusedgpt.triton_kernels.attention import attention_fwd, default_scale
 
 Tensor = torch.Tensor
@@ -109,16 +109,11 @@ def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
 
 def _check(q, k, v, causal, window, scale, kv_start) -> None:
     op = "attention"
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(op, name, tensor, rank=4)
-        check_float(op, name, tensor)
-        check_unit_last_stride(op, name, tensor)
+    check_head_tensors(op, [("q", q), ("k", k), ("v", v)])
     check_like(op, "k", k, "q", q)
     check_like(op, "v", v, "k", k, shape=True)
-    batch, q_len, heads, dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, dim):
-        raise ValueError(f"fusedgpt.ops.attention: k must have shape [B, Sk, H, D] = [{batch}, Sk, {heads}, {dim}] "
-                         f"to match q, got {tuple(k.shape)}")
+    batch, q_len = q.shape[:2]
+    check_same_heads(op, "k", k, "Sk", "q", q)
     if q_len > k.shape[1]:
         raise ValueError(f"fusedgpt.ops.attention: q has more tokens ({q_len}) than k ({k.shape[1]}); the queries "
                          "must be the last Sq of the Sk positions (Sq <= Sk)")

@@ -18,8 +18,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
-                                  check_unit_last_stride, check_window_and_scale, needs_autograd)
+from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
+                                  check_window_and_scale, needs_autograd)
 from fusedgpt.ops.attention import attention_kernel_limits, attention_reference
 from fusedgpt.ops.kv_append import kv_append_reference
 from fusedgpt.triton_kernels.attention import default_scale
@@ -85,16 +85,12 @@ def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> No
         raise ValueError("fusedgpt.ops.decode_attention: give both k and v (to append), or neither")
     if k is not None:
         tensors += [("k", k), ("v", v)]
+    check_head_tensors(op, tensors)
     for name, tensor in tensors:
-        check_tensor(op, name, tensor, rank=4)
-        check_float(op, name, tensor)
-        check_unit_last_stride(op, name, tensor)
         check_like(op, name, tensor, "q", q)
     check_like(op, "v_cache", v_cache, "k_cache", k_cache, shape=True)
-    batch, tokens, heads, dim = q.shape
-    if (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]) != (batch, heads, dim):
-        raise ValueError(f"fusedgpt.ops.decode_attention: k_cache must have shape [B, S_max, H, D] = "
-                         f"[{batch}, S_max, {heads}, {dim}] to match q, got {tuple(k_cache.shape)}")
+    batch, tokens = q.shape[:2]
+    check_same_heads(op, "k_cache", k_cache, "S_max", "q", q)
     if not 1 <= tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"fusedgpt.ops.decode_attention: q must hold 1 to {MAX_NEW_TOKENS} tokens per sequence, "
                          f"got {tokens} (use fusedgpt.ops.attention for prompts)")

@@ -23,8 +23,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_float, check_int32_per_sequence, check_like, check_tensor,
-                                  check_unit_last_stride, kernel_limits)
+from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
+                                  kernel_limits)
 from fusedgpt.triton_kernels.kv_append import kv_append_fwd
 
 Tensor = torch.Tensor
@@ -65,17 +65,12 @@ if extension_available():
 
 def _check(k_cache, v_cache, k, v, positions) -> None:
     op = "kv_append"
-    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        check_tensor(op, name, tensor, rank=4)
-        check_float(op, name, tensor)
-        check_unit_last_stride(op, name, tensor)
+    check_head_tensors(op, [("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)])
     check_like(op, "v_cache", v_cache, "k_cache", k_cache, shape=True)
     check_like(op, "k", k, "k_cache", k_cache)
     check_like(op, "v", v, "k", k, shape=True)
-    batch, max_len, heads, dim = k_cache.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads, dim):
-        raise ValueError(f"fusedgpt.ops.kv_append: k must have shape [B, T, H, D] = [{batch}, T, {heads}, {dim}] "
-                         f"to match k_cache, got {tuple(k.shape)}")
+    batch, max_len = k_cache.shape[:2]
+    check_same_heads(op, "k", k, "T", "k_cache", k_cache)
     tokens = k.shape[1]
     if tokens > max_len:
         raise ValueError(f"fusedgpt.ops.kv_append: the cache is too small: k has {tokens} tokens but k_cache "
