@@ -58,6 +58,12 @@ def _cuda_extension_or_reason():
 
     spec = os.environ.get("FUSEDGPT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
     archs = _normalise_archs(spec)
+    too_old = [arch for arch in archs if int(arch.split(".")[0]) < 8]
+    if too_old:  # the kernels use sm_80 instructions (mma.sync m16n8k16 on fp16 and bf16)
+        _say(f"leaving out {';'.join(too_old)}: the CUDA kernels need sm_80 or newer")
+        archs = [arch for arch in archs if arch not in too_old]
+        if not archs:
+            return None, f"no architecture of sm_80 or newer in {spec!r}"
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)  # torch turns this into -gencode flags
     # Recorded in the library so `fusedgpt info` can say what this build runs on.
     arch_tag = ",".join(a.replace(".", "").replace("+PTX", "_ptx").lower() for a in archs)

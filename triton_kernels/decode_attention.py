@@ -64,15 +64,16 @@ def _decode_attention_split_kernel(
     d_mask = offs_d < HEAD_DIM
     t_mask = offs_t < tokens
 
-    # Lengths outside [0, S_max] (corrupted) are clamped, as the reference does: the keys are then the
-    # whole cache, nothing is appended, and no loop runs past S_max + T keys.
-    cache_len = tl.minimum(tl.maximum(tl.load(CACHE_LENS + b), 0), max_len)
+    # Lengths outside [0, S_max] (corrupted) are clamped for reading, as the reference does (the keys are
+    # then none or the whole cache, and no loop runs past S_max + T keys); nothing is appended for them.
+    raw_len = tl.load(CACHE_LENS + b)
+    cache_len = tl.minimum(tl.maximum(raw_len, 0), max_len)
     cached = cache_len  # keys j < cached are read from the cache
     seq_len = cache_len
     if HAS_NEW:
         seq_len = cache_len + tokens
         if split == 0:  # the fused append, for sequences whose new tokens fit
-            fits = cache_len <= max_len - tokens  # no int32 overflow, whatever cache_lens holds
+            fits = (raw_len >= 0) & (raw_len <= max_len - tokens)  # no int32 overflow, whatever it holds
             rows = t_mask[:, None] & d_mask[None, :] & fits
             slot = (cache_len + offs_t).to(tl.int64)
             new_k = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_t[:, None] * stride_knt + offs_d[None, :],

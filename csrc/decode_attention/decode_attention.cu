@@ -82,9 +82,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
   const bool dim_valid = lane_in_group < Traits::kUsedLanes;
   const bool has_new = p.k_new != nullptr;
 
-  // Lengths outside [0, S_max] (corrupted) are clamped, as the reference does: the keys are then the
-  // whole cache, nothing is appended, and no loop runs past S_max + T keys.
-  const int cache_len = min(max(p.cache_lens[b], 0), p.max_len);
+  // Lengths outside [0, S_max] (corrupted) are clamped for reading, as the reference does (the keys are
+  // then none or the whole cache, and no loop runs past S_max + T keys); nothing is appended for them.
+  const int raw_len = p.cache_lens[b];
+  const int cache_len = min(max(raw_len, 0), p.max_len);
   const int cached = cache_len;  // keys j < cached come from the cache
   const int seq_len = has_new ? cache_len + p.tokens : cache_len;
   const int position = seq_len - p.tokens + t;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
 
   // The fused append: split 0 of query t writes token t, when the whole block of new tokens fits.
   if (has_new && split == 0 && warp == 0 && lane < Traits::kUsedLanes &&
-      cache_len <= p.max_len - p.tokens) {  // (written so that no int overflows, whatever cache_lens holds)
+      raw_len >= 0 && raw_len <= p.max_len - p.tokens) {  // (no int overflow, whatever cache_lens holds)
     const int64_t slot = cache_len + t;
     using V = Vec<Element, kVec>;
     *reinterpret_cast<V*>(static_cast<Element*>(p.k_cache) + b * p.k_cache_strides[0] + slot * p.k_cache_strides[1] +

@@ -55,3 +55,14 @@ def test_measured_order_by_size(monkeypatch):
     assert measured_order("bias_act", (9, 0), 5000) == _backend.DEFAULT_ORDER  # past the measured sizes
     assert measured_order("layer_norm", (8, 0), 16) == _backend.DEFAULT_ORDER  # another architecture
     assert measured_order("attention", (9, 0), 16) == _backend.DEFAULT_ORDER  # another family
+
+
+def test_cuda_backend_refuses_gpus_older_than_sm80(monkeypatch):
+    """The kernels use sm_80 instructions: an older GPU gets the Triton kernels, or a clear error when
+    the cuda backend is asked for by name."""
+    monkeypatch.setattr(_backend, "extension_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    gpu = torch.device("cuda", 0)
+    assert _backend._unavailable("cuda", gpu, {}) == "the cuda kernels need sm_80 or newer, cuda:0 is sm_75"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _backend._unavailable("cuda", gpu, {}) is None

@@ -122,16 +122,17 @@ def test_new_tokens_that_do_not_fit_are_attended_but_not_written(backend, device
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_absurd_device_lengths_never_write_out_of_bounds(backend, device):
-    """cache_lens near the int32 limit or far past S_max (corrupted lengths): clamped to S_max as the
-    reference does, so nothing is written, nothing is read past the cache, no loop runs over a billion
-    keys, and the result matches the reference."""
+    """cache_lens negative, near the int32 limits or far past S_max (corrupted lengths): clamped to
+    [0, S_max] for reading as the reference does, so nothing is written (not even at slot 0 for a
+    negative length), nothing is read past the cache, no loop runs over a billion keys, and the result
+    matches the reference."""
     skip_unsupported(backend, device, torch.float32)
     if backend == "torch":
         pytest.skip("the reference reads lengths on the host and slices: it cannot go out of bounds")
-    q = torch.randn(2, 4, 2, 64, device=device)
-    k_cache, v_cache = torch.randn(2, 32, 2, 64, device=device), torch.randn(2, 32, 2, 64, device=device)
+    q = torch.randn(4, 4, 2, 64, device=device)
+    k_cache, v_cache = torch.randn(4, 32, 2, 64, device=device), torch.randn(4, 32, 2, 64, device=device)
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    cache_lens = torch.tensor([2**31 - 2, 10**9], dtype=torch.int32, device=device)
+    cache_lens = torch.tensor([-1, -2**31, 2**31 - 2, 10**9], dtype=torch.int32, device=device)
     ops = {"triton": torch.ops.fusedgpt.decode_attention_triton, "cuda": getattr(torch.ops.fusedgpt, "decode_attention", None)}
     args = (q, k_cache, v_cache, cache_lens, q.clone(), q.clone(), None, 0.125, None)
     out = ops[backend](*args, None) if backend == "triton" else ops[backend](*args, 2)

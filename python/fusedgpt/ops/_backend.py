@@ -53,6 +53,9 @@ def _unavailable(name: str, device: torch.device, unsupported: dict[str, str]) -
             return f"the cuda backend needs CUDA tensors, got {device}"
         if not extension_available():
             return extension_unavailable_reason()
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the cuda kernels need sm_80 or newer, {device} is sm_{major}{minor}"
     if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_enabled()):
         return f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
     return None
