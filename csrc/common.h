@@ -100,6 +100,6 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
   return result;
 }
 
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace fusedgpt

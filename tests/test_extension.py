@@ -88,6 +88,9 @@ def _cache(*shape, dtype=torch.float16):
     (lambda: ops.kv_append(_cache(2, 8, 3, 16), _cache(2, 8, 3, 16), _cache(2, 2, 3, 16), _cache(2, 2, 3, 16),
                            torch.tensor([0, -1], dtype=torch.int32)), r"positions\[1\] = -1 is out of range"),
     (lambda: ops.kv_append(_cache(2, 8, 3, 16), _cache(2, 8, 3, 16), _cache(2, 2, 3, 16), _cache(2, 2, 3, 16),
+                           torch.tensor([0, 99, 50, 7], dtype=torch.int32)[::2]),  # strided host positions
+     r"positions\[1\] = 50 is out of range"),
+    (lambda: ops.kv_append(_cache(2, 8, 3, 16), _cache(2, 8, 3, 16), _cache(2, 2, 3, 16), _cache(2, 2, 3, 16),
                            torch.tensor([7, 0], dtype=torch.int32)),
      r"positions\[0\] = 7 is out of range: appending 2 tokens to a cache of length 8 needs 0 <= positions\[b\] <= 6"),
     # attention

@@ -38,18 +38,18 @@ def _bias_act_fwd_kernel(
     elif ACTIVATION == 1:
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     else:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # NaN passes through, as in torch.relu
     tl.store(Y + row_ids[:, None] * columns + cols[None, :], v.to(Y.dtype.element_ty), mask=mask)
 
 
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x: [..., N] with unit last stride; bias: [N] or None. Returns a contiguous y like x."""
     columns = x.shape[-1]
-    x2 = x.reshape(-1, columns)  # (rows, N)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rows = x2.shape[0]
-    if rows == 0 or columns == 0:
+    if x.numel() == 0:
         return y
+    x2 = x.reshape(-1, columns)  # (rows, N)
+    rows = x2.shape[0]
     block_n = min(1024, triton.next_power_of_2(columns))
     block_m = max(1, 4096 // block_n)  # about 4096 elements per program
     grid = (triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))

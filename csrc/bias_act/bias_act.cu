@@ -21,7 +21,7 @@ __device__ __forceinline__ float activate(float v) {
   } else if constexpr (ACT == Activation::kGelu) {
     return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
   } else {
-    return v > 0.f ? v : 0.f;
+    return v < 0.f ? 0.f : v;  // NaN passes through, as in torch.relu
   }
 }
 
@@ -49,9 +49,9 @@ template <typename T, int VEC, Activation ACT>
 void launch_bias_act(const at::Tensor& x2, const T* bias, T* y, cudaStream_t stream) {
   const int64_t rows = x2.size(0);
   const int columns = static_cast<int>(x2.size(1));
-  const int vectors = ceil_div(columns, VEC);
-  const int threads = std::min(256, std::max(32, ceil_div(vectors, 32) * 32));
-  const int blocks_per_row = ceil_div(vectors, threads);
+  const int vectors = static_cast<int>(ceil_div(columns, VEC));  // columns < 2^30
+  const int threads = std::min(256, std::max(32, static_cast<int>(ceil_div(vectors, 32) * 32)));
+  const int blocks_per_row = static_cast<int>(ceil_div(vectors, threads));
   FUSEDGPT_CHECK(rows * blocks_per_row < (int64_t{1} << 31), "bias_act", "x is too large (", rows,
                  " rows of ", columns, ") for one launch");
   bias_act_fwd_kernel<T, VEC, ACT><<<rows * blocks_per_row, threads, 0, stream>>>(
@@ -73,7 +73,6 @@ at::Tensor bias_act_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& b
   check_dtype_in(op, x, "x");
   check_unit_last_stride(op, x, "x");
   const int64_t columns = x.size(-1);
-  FUSEDGPT_CHECK(columns >= 1 && columns < (int64_t{1} << 30), op, "x's last dim must be in [1, 2^30), got ", columns);
   if (bias) {
     FUSEDGPT_CHECK(bias->dim() == 1 && bias->size(0) == columns, op, "bias must have shape [", columns,
                    "] (x's last dim), got ", bias->sizes());
@@ -81,6 +80,8 @@ at::Tensor bias_act_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& b
     check_same_device(op, *bias, "bias", x, "x");
   }
   require_cuda(op, x, "x");
+  if (x.numel() == 0) return at::empty(x.sizes(), x.options());  // (x.reshape({-1, 0}) would throw)
+  FUSEDGPT_CHECK(columns < (int64_t{1} << 30), op, "x's last dim must be below 2^30, got ", columns);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

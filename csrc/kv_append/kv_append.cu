@@ -69,12 +69,15 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
   FUSEDGPT_CHECK(tokens <= max_len, op, "the cache is too small: k has ", tokens,
                  " tokens but k_cache holds at most ", max_len);
   FUSEDGPT_CHECK(max_len < (int64_t{1} << 31), op, "k_cache's sequence length must be below 2^31, got ", max_len);
+  FUSEDGPT_CHECK(heads < (int64_t{1} << 31) && dim < (int64_t{1} << 31), op,
+                 "k_cache's head count and head size must be below 2^31, got ", heads, " and ", dim);
   FUSEDGPT_CHECK(positions.dim() == 1 && positions.size(0) == batch, op, "positions must have shape [", batch,
                  "] (one per sequence), got ", positions.sizes());
   FUSEDGPT_CHECK(positions.scalar_type() == at::kInt, op, "positions must be int32, got ", positions.scalar_type());
   const int max_start = static_cast<int>(max_len - tokens);
   if (positions.device().is_cpu()) {  // known on the host: report instead of skipping silently
-    const int* pos = positions.contiguous().data_ptr<int>();
+    const at::Tensor host_positions = positions.contiguous();  // kept alive while pos is read
+    const int* pos = host_positions.data_ptr<int>();
     for (int64_t b = 0; b < batch; ++b) {
       FUSEDGPT_CHECK(pos[b] >= 0 && pos[b] <= max_start, op, "positions[", b, "] = ", pos[b],
                      " is out of range: appending ", tokens, " tokens to a cache of length ", max_len,
@@ -99,8 +102,9 @@ void kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const 
       const int vectors_per_head = static_cast<int>(dim / V);
       const int64_t total = batch * tokens * heads * vectors_per_head;
       constexpr int kThreads = 256;
-      FUSEDGPT_CHECK(ceil_div(total, kThreads) < (int64_t{1} << 31), op, "k is too large for one launch");
-      kv_append_kernel<scalar_t, V><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+      const int64_t blocks = ceil_div(total, kThreads);
+      FUSEDGPT_CHECK(blocks < (int64_t{1} << 31), op, "k is too large for one launch");
+      kv_append_kernel<scalar_t, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           reinterpret_cast<scalar_t*>(k_cache.data_ptr()), reinterpret_cast<scalar_t*>(v_cache.data_ptr()),
           reinterpret_cast<const scalar_t*>(k.data_ptr()), reinterpret_cast<const scalar_t*>(v.data_ptr()),
           device_positions.data_ptr<int>(), strides_of(k_cache), strides_of(v_cache), strides_of(k), strides_of(v),

@@ -14,7 +14,7 @@ constexpr int kMaxColumns = 16384;
 
 // Each thread owns ITERS vectors of VEC columns: column = (iter * blockDim.x + threadIdx.x) * VEC.
 template <typename T, int VEC, int ITERS>
-__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(1024) layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                       const T* __restrict__ weight, const T* __restrict__ bias,
                                       T* __restrict__ y, T* __restrict__ sum_out, int columns,
                                       int64_t x_row_stride, int64_t residual_row_stride, float eps) {
@@ -91,10 +91,10 @@ void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual
                        const T* bias, T* y, T* sum_out, float eps, cudaStream_t stream) {
   const int64_t rows = x2.size(0);
   const int columns = static_cast<int>(x2.size(1));
-  const int vectors = ceil_div(columns, VEC);
+  const int vectors = static_cast<int>(ceil_div(columns, VEC));  // columns <= 16384
   int iters = 1;
   while (iters < 16 && (iters < 4 ? vectors > 512 * iters : vectors > 1024 * iters)) iters *= 2;
-  const int threads = std::max(32, ceil_div(ceil_div(vectors, iters), 32) * 32);
+  const int threads = std::max(32, static_cast<int>(ceil_div(ceil_div(vectors, iters), 32) * 32));
   const T* x = reinterpret_cast<const T*>(x2.data_ptr());
   auto launch = [&](auto kernel) {
     kernel<<<rows, threads, 0, stream>>>(x, residual, weight, bias, y, sum_out, columns, x2.stride(0),

@@ -51,6 +51,23 @@ def test_extreme_values_and_strided_rows(backend, device):
     _check(backend, wide[:, 3:1027], torch.randn(1024, dtype=torch.float16, device=device), "gelu_tanh")
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_nan_propagates_and_empty_inputs_return_empty(backend, device):
+    """NaN stays NaN through every activation (relu included, as torch.relu), and empty inputs, an empty
+    last dimension among them, give empty outputs."""
+    skip_unsupported(backend, device, torch.float32)
+    x = torch.tensor([[float("nan"), -1.5, 2.0, 0.25]], device=device)
+    for activation in ACTIVATIONS:
+        y = bias_act(x, None, activation, backend=backend)
+        assert torch.isnan(y[0, 0]) and not torch.isnan(y[0, 1:]).any(), (activation, y)
+        y = bias_act(x[:, 1:], torch.tensor([float("nan"), 0.0, 0.0], device=device), activation, backend=backend)
+        assert torch.isnan(y[0, 0]) and not torch.isnan(y[0, 1:]).any(), (activation, y)
+    for shape in [(0, 8), (4, 0), (2, 0, 3)]:
+        x = torch.empty(shape, device=device)
+        y = bias_act(x, torch.empty(shape[-1], device=device), "gelu_tanh", backend=backend)
+        assert y.shape == x.shape
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: bias_act(torch.randn(2, 4), None, "swish"), ValueError, "activation must be one of"),
     (lambda: bias_act(torch.randn(2, 4), torch.randn(3), "relu"), ValueError, r"bias must have shape \[4\]"),
