@@ -95,8 +95,10 @@ else:
     cmdclass = cmdclass_or_reason
 
 setup(
-    packages=["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.triton_kernels"],
+    packages=["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.triton_kernels", "fusedgpt.data"],
     package_dir={"fusedgpt": "python/fusedgpt", "fusedgpt.triton_kernels": "triton_kernels"},
+    # The embedded model that `fusedgpt generate` uses by default (scripts/train_tiny.py makes it).
+    package_data={"fusedgpt.data": ["tiny-sotu/*.json", "tiny-sotu/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,10 +1,12 @@
 """The `fusedgpt` command line. `fusedgpt info`: versions, the GPU, the extension's build and the
 backend each op will use on this machine. `fusedgpt generate`: text from a local Hugging Face GPT-2 /
-OPT / GPT-Neo checkpoint directory, streamed as it is produced, with prefill and decode tokens/s."""
+OPT / GPT-Neo checkpoint directory (by default the small GPT-2 shipped inside the package), streamed
+as it is produced, with prefill and decode tokens/s."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -52,14 +54,19 @@ def info_lines() -> list[str]:
 def _add_generate_parser(commands) -> None:
     parser = commands.add_parser("generate", help="generate text from a local checkpoint directory",
                                  description="Generates text from a local Hugging Face GPT-2 / OPT / GPT-Neo "
-                                             "checkpoint directory (config.json, weights, tokenizer files).")
-    parser.add_argument("--model", required=True, help="checkpoint directory (nothing is downloaded)")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="the prompt text")
+                                             "checkpoint directory (config.json, weights, tokenizer files), by "
+                                             "default from the small GPT-2 shipped with fusedgpt.")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (nothing is downloaded; default: the embedded model, a 6-layer "
+                             "GPT-2 trained on the State of the Union addresses)")
+    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT", help="the prompt text")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="the prompt text (the same as PROMPT)")
     prompts.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=None,
-                        help="sample at this temperature (0 or unset with no --top-k/--top-p: greedy)")
+                        help="sample at this temperature (0: greedy; unset with no --top-k/--top-p: the "
+                             "checkpoint's generation_config.json if it asks to sample, else greedy)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -111,9 +118,34 @@ def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
     return ids
 
 
+def _sampling_defaults(model_dir: str) -> tuple[float | None, int | None, float | None]:
+    """(temperature, top_k, top_p) from the checkpoint's generation_config.json when it sets
+    do_sample, with transformers' defaults for what it leaves out (1.0, 50, 1.0); else greedy."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return None, None, None
+    with open(path, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    if not settings.get("do_sample"):
+        return None, None, None
+    top_p = settings.get("top_p", 1.0)
+    return float(settings.get("temperature", 1.0)), settings.get("top_k", 50) or None, top_p if top_p < 1.0 else None
+
+
 def _generate(args) -> int:
     from fusedgpt.generation import generate_with_stats
+    from fusedgpt.models.tiny import TINY_MODEL_DIR
 
+    given = [name for name, value in (("PROMPT", args.prompt_text), ("--prompt", args.prompt),
+                                      ("--batch-file", args.batch_file)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of PROMPT, --prompt and --batch-file (got {', '.join(given) or 'none'})")
+    args.prompt = args.prompt if args.prompt is not None else args.prompt_text
+    if args.model is None:
+        args.model = str(TINY_MODEL_DIR)
+        if not (TINY_MODEL_DIR / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the embedded model is missing from this install ({TINY_MODEL_DIR}); "
+                                    "pass --model or rebuild it with scripts/train_tiny.py")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"checkpoint directory not found: {args.model} (fusedgpt loads local directories "
                                 "only; download the model first)")
@@ -130,6 +162,8 @@ def _generate(args) -> int:
         prompts = [args.prompt]
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise ValueError("--temperature 0 is greedy decoding; --top-k / --top-p need a temperature > 0")
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        args.temperature, args.top_k, args.top_p = _sampling_defaults(args.model)
     do_sample = bool(args.temperature) or args.top_k is not None or args.top_p is not None
     tokenizer = fusedgpt.load_tokenizer(args.model)
     model = fusedgpt.from_pretrained(args.model, dtype=dtype, device=device)

@@ -14,6 +14,7 @@ import fusedgpt
 from fusedgpt.cli import main
 from fusedgpt.generation import filter_logits, generate, generate_with_stats
 from fusedgpt.models import from_config
+from fusedgpt.models.tiny import train_tokenizer
 
 FAMILIES = ["gpt2-scaled", "opt-350m", "opt", "gpt_neo"]
 
@@ -141,14 +142,7 @@ def test_position_limit_and_bad_arguments_are_errors(monkeypatch):
 @pytest.fixture
 def checkpoint(tmp_path):
     """A tiny GPT-2 checkpoint directory with a byte-level BPE tokenizer trained on the spot."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     config = gpt2_config(vocab_size=tokenizer.get_vocab_size(), eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
@@ -187,6 +181,8 @@ def test_cli_generate_batch_file(monkeypatch, capsys, checkpoint, tmp_path):
     (["--prompt", "x", "--dtype", "int8"], "dtype must be"),
     (["--prompt", "x", "--temperature", "0", "--top-k", "3"], "greedy"),
     (["--prompt", "x", "--max-new-tokens", "500"], "positions"),
+    (["x", "--prompt", "y"], "exactly one of PROMPT, --prompt and --batch-file (got PROMPT, --prompt)"),
+    ([], "exactly one of PROMPT, --prompt and --batch-file (got none)"),
 ])
 def test_cli_generate_errors_are_one_line(monkeypatch, capsys, checkpoint, arguments, message):
     monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")
