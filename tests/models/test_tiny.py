@@ -160,3 +160,24 @@ def test_unigram_baseline_and_mean_loss_on_known_values():
     assert tiny.unigram_loss(training, windows, 3) == pytest.approx(expected)
     uniform = lambda ids: torch.zeros(*ids.shape, 3)  # noqa: E731
     assert tiny.mean_loss(uniform, windows) == pytest.approx(torch.log(torch.tensor(3.0)).item())
+
+
+def test_training_script_is_reproducible(tmp_path, heldout_addresses):
+    """scripts/train_tiny.py end to end on a miniature recipe, twice with one seed: the same bytes.
+    (It fetches the corpus itself; the fixture only makes the test skip where that cannot work.)"""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny", script)
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    recipe = ["--steps", "3", "--layers", "1", "--width", "64", "--vocab-size", "512", "--batch", "2",
+              "--context", "64", "--eval-windows", "2"]
+    for run in ("a", "b"):
+        assert train_tiny.main(recipe + ["--out", str(tmp_path / run), "--seed", "7"]) == 0
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    report = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert report["heldout"]["loss"] < 7.0 and report["heldout_eval"]["loss_bound"] > report["heldout_eval"]["loss"]
+    assert fusedgpt.from_pretrained(tmp_path / "a").config.num_layers == 1
