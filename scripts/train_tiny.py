@@ -3,7 +3,7 @@ the Union addresses (public domain; see python/fusedgpt/models/tiny.py for the t
 licence, and the held-out split).
 
     python scripts/train_tiny.py                   # the shipped model: about 45 minutes on 2 CPU cores
-    python scripts/train_tiny.py --device cuda     # the same recipe on a GPU (bf16 autocast), minutes
+    python scripts/train_tiny.py --device cuda     # the same recipe on a GPU (bf16 autocast; not yet run on one)
 
 Steps, in order, all seeded: a byte-level BPE tokenizer (4096 tokens) trained on the training split with
 the `tokenizers` library; a GPT-2 (6 layers, 256 wide, 4 heads of 64, 256 positions, tied embeddings)
