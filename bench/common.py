@@ -148,6 +148,8 @@ def parse_choices(text: str | None, known: Sequence[str], option: str) -> list[s
     if text is None:
         return list(known)
     wanted = [part.strip() for part in text.split(",") if part.strip()]
+    if not wanted:  # (an empty run would still rewrite the family's CSV rows)
+        raise SystemExit(f"{option}: no name given; this script has {list(known)}")
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise SystemExit(f"{option}: unknown {unknown}; this script has {list(known)}")

@@ -169,7 +169,7 @@ import csv
 import sys
 
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
-FUSED = ("fusedgpt-cuda", "fusedgpt-triton")
+FUSED = ("fusedgpt-cuda", "fusedgpt-triton", "fusedgpt")  # the op families' and bench_generate.py's
 FLOOR = "empty-kernel"
 def number(row, key):
     try:
@@ -182,7 +182,9 @@ families = {}
 for row in rows:
     families.setdefault(row["family"], []).append(row)
 for family, family_rows in families.items():
-    metric, metric_name = ("tflops", "TFLOP/s") if any(number(r, "tflops") for r in family_rows) else ("gbps", "GB/s")
+    metric, metric_name = next(((key, name) for key, name in (("tflops", "TFLOP/s"), ("gbps", "GB/s"),
+                                                              ("tokens_per_s", "tokens/s"))
+                                if any(number(r, key) for r in family_rows)), ("gbps", "GB/s"))
     peers = list(dict.fromkeys(r["provider"] for r in family_rows if r["provider"] not in FUSED + (FLOOR,)))
     time_peers = [p for p in peers if any(number(r, "ms") for r in family_rows if r["provider"] == p)]
     graph_peers = [p for p in peers + [FLOOR] if any(number(r, "us_graph") for r in family_rows if r["provider"] == p)]
