@@ -96,7 +96,8 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
     k_cache, v_cache: [B, S_max, H, D]; k, v: [B, T, H, D]; all of one float dtype and device, any strides
     with unit stride on D (so [B, H, S, D] caches transposed to [B, S, H, D] work). positions: int32 [B],
     the tokens already in each sequence's cache, on the caches' device (no host sync: capturable in a
-    CUDA graph) or on the CPU (checked on the host, then copied). Returns nothing.
+    CUDA graph) or on the CPU (checked on the host, then copied). Returns nothing. k and v must not
+    share memory with the cache slots being written (the kernels read and write in one pass).
     A sequence that would not fit is skipped whole; see the module docstring for how the caller learns
     of it (CPU positions or check=True raise ValueError)."""
     _check(k_cache, v_cache, k, v, positions)
