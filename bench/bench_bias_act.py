@@ -120,7 +120,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--activations", default=",".join(ACTIVATIONS),
+    parser.add_argument("--activations", default=None,
                         help=f"comma-separated activations among {', '.join(ACTIVATIONS)} (default: all)")
     parser.add_argument("--all-activation-shapes", action="store_true",
                         help=f"every activation on every shape (default: {FULL_GRID_ACTIVATION} on every "
@@ -128,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_providers(args.providers, PROVIDERS)
-    activations = [name.strip() for name in args.activations.split(",") if name.strip()]
-    unknown = [name for name in activations if name not in ACTIVATIONS]
-    if unknown or not activations:
-        parser.error(f"--activations: expected names among {ACTIVATIONS}, got {args.activations!r}")
+    activations = common.parse_choices(args.activations, ACTIVATIONS, "--activations")
     common.run_benchmark(FAMILY, args, dtypes, providers,
                          benchmark_cases(args.quick, activations, args.all_activation_shapes), describe_case, run_case)
     return 0

@@ -291,10 +291,7 @@ def add_agreement(rows: list[dict], outputs: dict) -> None:
 def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_<hf provider> = tokens/s / that provider's, per (case, dtype); plus the faster of eager/sdpa."""
     common.add_speedups(rows, peers=HF_PROVIDERS)  # peer ms / row ms, ms = per decode step: a tokens/s ratio
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        by_case.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
-    for providers in by_case.values():
+    for providers in common.rows_by_case(rows).values():
         dynamic = [providers[name]["tokens_per_s"] for name in ("hf-eager", "hf-sdpa")
                    if name in providers and providers[name].get("tokens_per_s")]
         if not dynamic:

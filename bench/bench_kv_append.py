@@ -146,11 +146,8 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
 def print_bar(rows: list[dict]) -> None:
     """The issue's bar, per case: best fusedgpt kv_append (K and V) vs the slice copy of K alone."""
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        by_case.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
     lines = []
-    for (case, dtype), providers in by_case.items():
+    for (_, case, dtype), providers in common.rows_by_case(rows).items():
         line = {"case": case, "dtype": dtype}
         reference = providers.get(COPY_K_ONLY, {})
         for time_key, label in (("ms", "do_bench"), ("us_graph", "graph")):

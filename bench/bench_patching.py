@@ -138,10 +138,7 @@ def measure_mode(model, mode: str, inputs: dict, new_tokens: int, repeats: int, 
 
 def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_hf_eager / _sdpa / _best_hf = baseline ms / this row's ms, per (case, dtype)."""
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        by_case.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
-    for providers in by_case.values():
+    for providers in common.rows_by_case(rows).values():
         baselines = {name: providers[name]["ms"] for name in ("hf-eager", "hf-sdpa")
                      if providers.get(name, {}).get("ms")}
         for row in providers.values():

@@ -475,13 +475,18 @@ def providers_to_time(rows: list[dict], *, family: str, case: str, dtype: torch.
         del function  # not kept alive while the next provider is set up
 
 
+def rows_by_case(rows: Sequence[dict]) -> dict[tuple[str, str, str], dict[str, dict]]:
+    """{(family, case, dtype): {provider: row}}, in the order the cases first appear."""
+    by_case: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["family"], row["case"], row["dtype"]), {})[row["provider"]] = row
+    return by_case
+
+
 def add_speedups(rows: list[dict], peers: Sequence[str] = PEERS) -> None:
     """Fills ratio_vs_<peer> (peer ms / row ms) and graph_ratio_vs_<peer> (peer us_graph / row us_graph)
     for every row of the same (family, case, dtype) as a peer row measured in this run."""
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        by_case.setdefault((row["family"], row["case"], row["dtype"]), {})[row["provider"]] = row
-    for providers in by_case.values():
+    for providers in rows_by_case(rows).values():
         for peer in peers:
             peer_row = providers.get(peer)
             if peer_row is None:
@@ -534,11 +539,8 @@ RESULT_COLUMNS = [("case", "case", 0), ("dtype", "dtype", 0), ("provider", "prov
 def print_speedups(rows: Sequence[dict], peers: Sequence[str] = ("torch-compile", "torch-eager")) -> None:
     """Per case: the best fusedgpt provider and its speedup (peer time / its time) over each peer, from
     do_bench times and, where measured, from CUDA-graph latencies."""
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        by_case.setdefault((row["case"], row["dtype"]), {})[row["provider"]] = row
     summary = []
-    for (case, dtype), providers in by_case.items():
+    for (_, case, dtype), providers in rows_by_case(rows).items():
         line = {"case": case, "dtype": dtype}
         for time_key, label in (("ms", ""), ("us_graph", "graph ")):
             best = best_fusedgpt(providers, time_key)

@@ -225,10 +225,9 @@ def test_main_cases_matching_nothing_is_an_error(bench, script):
         getattr(bench, script).main(["--cases", "no such case"])
 
 
-def test_bias_act_unknown_activation_is_an_error(bench, capsys):
-    with pytest.raises(SystemExit):
+def test_bias_act_unknown_activation_is_an_error(bench):
+    with pytest.raises(SystemExit, match="--activations"):
         bench.bench_bias_act.main(["--activations", "gelu_tanh,swish"])
-    assert "--activations" in capsys.readouterr().err
 
 
 def test_generate_argument_errors(bench):

@@ -397,19 +397,12 @@ def _bias_act(hidden: Tensor, bias: Tensor | None, activation: str, act_module) 
     return act_module(hidden + bias)
 
 
-def _conv1d_mlp_forward(activation: str):
+def _mlp_forward(activation: str, conv1d: bool):
     def forward(self, hidden_states):
-        """GPT2MLP.forward: Conv1D is y = x @ W + b with W [in, out]; the bias joins the activation."""
-        hidden = torch.matmul(hidden_states, self.c_fc.weight)  # (..., inner)
-        hidden = _bias_act(hidden, self.c_fc.bias, activation, self.act)
-        return self.dropout(self.c_proj(hidden))
-    return forward
-
-
-def _linear_mlp_forward(activation: str):
-    def forward(self, hidden_states):
-        """GPTNeoMLP.forward: c_fc's bias joins the activation."""
-        hidden = F.linear(hidden_states, self.c_fc.weight)  # (..., inner)
+        """GPT2MLP / GPTNeoMLP.forward with c_fc's bias joined to the activation. GPT-2's Conv1D is
+        y = x @ W + b with W [in, out]; GPT-Neo's Linear is y = x @ W.T + b."""
+        weight = self.c_fc.weight
+        hidden = torch.matmul(hidden_states, weight) if conv1d else F.linear(hidden_states, weight)  # (..., inner)
         hidden = _bias_act(hidden, self.c_fc.bias, activation, self.act)
         return self.dropout(self.c_proj(hidden))
     return forward
@@ -571,7 +564,7 @@ def _patch_stack(key: str, stack: torch.nn.Module, attention: bool, layer_norm: 
         for block in _modules_of(stack, family, family.block):
             _override_forward(block, _gpt2_block_forward if key == "gpt2" else _gpt_neo_block_forward)
     if activation:
-        mlp_forward = _conv1d_mlp_forward(activation) if key == "gpt2" else _linear_mlp_forward(activation)
+        mlp_forward = _mlp_forward(activation, conv1d=key == "gpt2")
         for module in _modules_of(stack, family, family.mlp):
             _override_forward(module, mlp_forward)
 

@@ -44,6 +44,11 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def hf():
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny.TINY_MODEL_DIR, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def tokenizer():
     return fusedgpt.load_tokenizer(tiny.TINY_MODEL_DIR)
 
@@ -70,8 +75,7 @@ def test_shipped_checkpoint_is_complete_and_small(record):
     assert record["heldout"]["loss"] < record["heldout"]["unigram_loss"] - 1.0
 
 
-def test_shipped_checkpoint_matches_transformers(model, tokenizer):
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny.TINY_MODEL_DIR, dtype=torch.float32).eval()
+def test_shipped_checkpoint_matches_transformers(model, hf, tokenizer):
     ids = torch.tensor([tokenizer.encode("The Congress of the United States has met in a time of peace.").ids])
     with torch.no_grad():
         assert_logits_match(hf, model, ids)
@@ -95,13 +99,12 @@ def test_tokenizer_round_trips_text(tokenizer):
     assert len(ids) < len(text) / 2  # it learned merges, not bytes
 
 
-def test_greedy_generation_is_deterministic_and_as_recorded(model, tokenizer, record):
+def test_greedy_generation_is_deterministic_and_as_recorded(model, hf, tokenizer, record):
     prompt = torch.tensor([tokenizer.encode(PROMPT).ids])
     first = model.generate(prompt, max_new_tokens=48)
     assert torch.equal(model.generate(prompt, max_new_tokens=48), first)
     text = PROMPT + tokenizer.decode(first[0, prompt.shape[1]:].tolist())
     assert text == record["greedy_sample"]
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny.TINY_MODEL_DIR, dtype=torch.float32).eval()
     assert torch.equal(hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
                                    do_sample=False, pad_token_id=0)[:, :first.shape[1]], first)
 
