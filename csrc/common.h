@@ -44,9 +44,12 @@ inline void check_unit_last_stride(const char* op, const at::Tensor& t, const ch
 
 // Called after the device-agnostic checks: the ops are also registered for CPU so that a CPU call
 // reports its bad arguments (testable without a GPU) and then this clear error, never a launch.
+// Under the CPU emulator of the kernels (tests/simt) CPU tensors stand for device memory.
 inline void require_cuda(const char* op, const at::Tensor& t, const char* name) {
+#ifndef FUSEDGPT_SIMT_EMULATION
   FUSEDGPT_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device(),
                  " (fusedgpt.ops.* routes CPU tensors to the PyTorch reference)");
+#endif
 }
 
 // ---- vectors ---------------------------------------------------------------------------------------

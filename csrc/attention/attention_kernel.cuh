@@ -27,11 +27,15 @@ struct ElementOps<__half> {
   }
   // c += a * b for one m16n8k16 tile (row-major A, column-major B, fp32 accumulators).
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef FUSEDGPT_SIMT_EMULATION
+    ::simt::mma_m16n8k16<__half>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -42,11 +46,15 @@ struct ElementOps<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef FUSEDGPT_SIMT_EMULATION
+    ::simt::mma_m16n8k16<__nv_bfloat16>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -74,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
   constexpr int kVtStride = kBlockN + 8;
   constexpr int kVectorsPerRow = HEAD_DIM / 8;  // 16-byte vectors per K/V row
   constexpr float kInf = INFINITY;
-  __shared__ alignas(16) Element k_tile[kBlockN * kKStride];   // [key][dim]
-  __shared__ alignas(16) Element vt_tile[HEAD_DIM * kVtStride];  // [dim][key]
+  alignas(16) __shared__ Element k_tile[kBlockN * kKStride];   // [key][dim]
+  alignas(16) __shared__ Element vt_tile[HEAD_DIM * kVtStride];  // [dim][key]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = lane / 4, quad = lane % 4;  // the mma fragment coordinates

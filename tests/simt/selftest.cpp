@@ -1,0 +1,101 @@
+// Kernels that test the CPU emulator itself (tests/simt/simt.h), built into the same library as the
+// emulated csrc/ and registered as torch.ops.fusedgpt_simt.selftest_*: the mma layout against a plain
+// matrix product, shuffles, and the errors the emulator must report instead of running on.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+
+template <typename Element>
+uint32_t pack_pair(const Element* pointer) {  // elements k and k + 1 of a row, k + 1 in the high half
+  uint32_t word;
+  std::memcpy(&word, pointer, sizeof(word));
+  return word;
+}
+
+// D (16 x 8, fp32) = A (16 x 16, row-major) * B^T, with B given as 8 rows of 16 (the column-major
+// operand), fragments gathered as the PTX ISA lays them out for mma.m16n8k16.
+template <typename Element>
+__global__ void mma_kernel(const Element* a, const Element* b, float* d) {
+  const int lane = threadIdx.x, group = lane / 4, quad = lane % 4;
+  const uint32_t a_frag[4] = {pack_pair(a + group * 16 + quad * 2), pack_pair(a + (group + 8) * 16 + quad * 2),
+                              pack_pair(a + group * 16 + quad * 2 + 8), pack_pair(a + (group + 8) * 16 + quad * 2 + 8)};
+  const uint32_t b_frag[2] = {pack_pair(b + group * 16 + quad * 2), pack_pair(b + group * 16 + quad * 2 + 8)};
+  float c[4] = {1.f, 2.f, 3.f, 4.f};  // checked as D = A B^T + C
+  ::simt::mma_m16n8k16<Element>(c, a_frag, b_frag);
+  d[group * 8 + quad * 2] = c[0];
+  d[group * 8 + quad * 2 + 1] = c[1];
+  d[(group + 8) * 8 + quad * 2] = c[2];
+  d[(group + 8) * 8 + quad * 2 + 1] = c[3];
+}
+
+at::Tensor selftest_mma(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && b.sizes() == at::IntArrayRef({8, 16}) && a.is_contiguous() &&
+              b.is_contiguous() && a.scalar_type() == b.scalar_type());
+  at::Tensor d = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  if (a.scalar_type() == at::kHalf) {
+    ::simt::Launch(1, 32)(mma_kernel<__half>, static_cast<const __half*>(a.data_ptr()),
+                          static_cast<const __half*>(b.data_ptr()), d.data_ptr<float>());
+  } else {
+    ::simt::Launch(1, 32)(mma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(a.data_ptr()),
+                          static_cast<const __nv_bfloat16*>(b.data_ptr()), d.data_ptr<float>());
+  }
+  return d;
+}
+
+// out[i] = sum over the block of x, through shuffles and a shared-memory exchange.
+__global__ void shuffle_kernel(const float* x, float* out, int offset) {
+  __shared__ float partial[32];
+  float value = x[threadIdx.x];
+  const float neighbour = __shfl_xor_sync(0xffffffffu, value, offset);
+  for (int step = 16; step > 0; step >>= 1) value += __shfl_xor_sync(0xffffffffu, value, step);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  float total = 0.f;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) total += partial[w];
+  out[threadIdx.x] = total + 1000.f * neighbour;
+}
+
+at::Tensor selftest_shuffle(const at::Tensor& x, int64_t offset) {
+  at::Tensor out = at::empty_like(x);
+  ::simt::Launch(1, static_cast<unsigned>(x.numel()))(shuffle_kernel, x.data_ptr<float>(), out.data_ptr<float>(),
+                                                        static_cast<int>(offset));
+  return out;
+}
+
+// Kernels with the bugs the emulator must catch.
+__global__ void broken_kernel(int which, float* out) {
+  const int lane = threadIdx.x % 32;
+  if (which == 0) {  // deadlock: one lane of warp 1 waits in __syncthreads, its warp mates in a shuffle
+    if (threadIdx.x < 32 || threadIdx.x == 40) __syncthreads();
+    else out[0] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  } else if (which == 1) {  // a lane returns before its warp's shuffle
+    if (lane == 5) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  } else if (which == 2) {  // lanes of one warp in different shuffles
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, lane < 16 ? 1 : 2);
+  } else if (which == 3) {  // one element past the end of out (64 floats): AddressSanitizer's to catch
+    out[threadIdx.x + 1] = 1.f;
+  } else {  // fine: early exit with no collective after it
+    if (lane == 5) return;
+    out[threadIdx.x] = 1.f;
+  }
+}
+
+void selftest_broken(int64_t which) {
+  at::Tensor out = at::zeros({64});
+  ::simt::Launch(1, 64)(broken_kernel, static_cast<int>(which), out.data_ptr<float>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedgpt_simt, m) {
+  m.def("selftest_mma(Tensor a, Tensor b) -> Tensor", &selftest_mma);
+  m.def("selftest_shuffle(Tensor x, int offset) -> Tensor", &selftest_shuffle);
+  m.def("selftest_broken(int which) -> ()", &selftest_broken);
+}
