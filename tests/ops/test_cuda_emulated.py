@@ -253,7 +253,8 @@ def test_address_sanitizer_sees_the_kernels_accesses():
                                "import simt_emulator; simt_emulator.ops().selftest_broken(3)"],
         env=env, cwd=repository, capture_output=True, text=True, timeout=1200)
     assert probe.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in probe.stderr, probe.stderr[-3000:]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+    # -s: a report is printed as the sanitizer stops the process, which pytest's capture would swallow
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
                           "-k", "not address_sanitizer"], env=env, cwd=repository, capture_output=True, text=True,
                          timeout=1800)
     assert run.returncode == 0 and " passed" in run.stdout, (run.stdout[-3000:], run.stderr[-3000:])
