@@ -8,13 +8,21 @@
 #ifndef FUSEDGPT_CUDA_ARCHS
 #define FUSEDGPT_CUDA_ARCHS unknown
 #endif
-#define FUSEDGPT_STRINGIFY_(...) #__VA_ARGS__
-#define FUSEDGPT_STRINGIFY(...) FUSEDGPT_STRINGIFY_(__VA_ARGS__)
+#define FUSEDGPT_STRINGIFY_(x) #x
+#define FUSEDGPT_STRINGIFY(x) FUSEDGPT_STRINGIFY_(x)
 
 namespace fusedgpt {
 namespace {
-// Which GPU architectures this library was compiled for, e.g. "80,86,89,90_ptx".
-std::string cuda_archs() { return FUSEDGPT_STRINGIFY(FUSEDGPT_CUDA_ARCHS); }
+// Which GPU architectures this library was compiled for, e.g. "80,90,90ptx". The build passes them as one
+// preprocessor token joined by '_' (-DFUSEDGPT_CUDA_ARCHS=80_90_90ptx): a comma would be split by nvcc's
+// and CMake's argument handling.
+std::string cuda_archs() {
+  std::string archs = FUSEDGPT_STRINGIFY(FUSEDGPT_CUDA_ARCHS);
+  for (char& c : archs) {
+    if (c == '_') c = ',';
+  }
+  return archs;
+}
 }  // namespace
 }  // namespace fusedgpt
 

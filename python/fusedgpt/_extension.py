@@ -32,7 +32,8 @@ def extension_unavailable_reason() -> str:
 
 
 def extension_cuda_archs() -> list[str]:
-    """GPU architectures the extension was compiled for, e.g. ['80', '86', '89', '90_ptx'] ([] without it)."""
+    """GPU architectures the extension was compiled for, e.g. ['80', '90', '90ptx'] (sm_80 and sm_90
+    machine code, compute_90 PTX) ([] without it)."""
     if not extension_available():
         return []
     import torch

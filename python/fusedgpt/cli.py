@@ -16,6 +16,17 @@ import torch
 import fusedgpt
 from fusedgpt.ops._backend import choose_backend, triton_interpreter_enabled
 
+DESCRIPTION = """fusedgpt runs GPT-2, OPT and GPT-Neo models on hand-written CUDA and Triton kernels from PyTorch.
+Run `fusedgpt COMMAND --help` for a command's options."""
+
+GENERATE_EPILOG = """examples:
+  fusedgpt generate "Once upon a time"
+  fusedgpt generate "Once upon a time" --temperature 0 --max-new-tokens 32
+  fusedgpt generate --model path/to/gpt2 --prompt "The fastest way to" --seed 0
+
+The text streams to stdout; prefill and decode tokens/s go to stderr. Errors are one line on stderr
+(exit status 1)."""
+
 OP_FAMILIES = ("layer_norm", "bias_act", "kv_append", "attention", "decode_attention")
 
 
@@ -52,10 +63,13 @@ def info_lines() -> list[str]:
 
 
 def _add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="generate text from a local checkpoint directory",
+    parser = commands.add_parser("generate", help="write text from a local checkpoint directory (default: the small GPT-2 "
+                                                      "shipped inside the package)",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GENERATE_EPILOG,
                                  description="Generates text from a local Hugging Face GPT-2 / OPT / GPT-Neo "
-                                             "checkpoint directory (config.json, weights, tokenizer files), by "
-                                             "default from the small GPT-2 shipped with fusedgpt.")
+                                             "checkpoint directory\n(config.json, weights, tokenizer files), by "
+                                             "default from the small GPT-2 shipped with fusedgpt.\nNothing is "
+                                             "downloaded.")
     parser.add_argument("--model", default=None,
                         help="checkpoint directory (nothing is downloaded; default: the embedded model, a 6-layer "
                              "GPT-2 trained on the State of the Union addresses)")
@@ -63,13 +77,15 @@ def _add_generate_parser(commands) -> None:
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="the prompt text (the same as PROMPT)")
     prompts.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="how many tokens to generate after the prompt (default 64; prompt + new tokens must "
+                             "fit the model's position table)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sample at this temperature (0: greedy; unset with no --top-k/--top-p: the "
                              "checkpoint's generation_config.json if it asks to sample, else greedy)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, "
                                                          "bfloat16 or float32")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -80,13 +96,15 @@ class _TextStream:
     multi-byte character split across tokens is held back until complete). For a batch it draws a
     progress bar on stderr instead."""
 
-    def __init__(self, tokenizer, batch: int, total: int, eos: list[int]):
-        self.tokenizer, self.batch, self.total, self.eos = tokenizer, batch, total, eos
+    def __init__(self, tokenizer, batch: int, total: int, eos: list[int], prompt: str):
+        self.tokenizer, self.batch, self.total, self.eos, self.prompt = tokenizer, batch, total, eos, prompt
         self.ids: list[int] = []
         self.printed = ""
         self.count = 0
 
     def __call__(self, chunk: torch.Tensor) -> None:
+        if self.count == 0 and self.batch == 1:  # the prompt appears with the first token, after every check
+            print(self.prompt, end="", flush=True)
         self.count += chunk.shape[1]
         if self.batch > 1:
             done = int(30 * self.count / self.total)
@@ -105,6 +123,8 @@ class _TextStream:
     def finish(self) -> None:
         """Prints what was held back (an incomplete character at the very end stays a U+FFFD)."""
         if self.batch == 1:
+            if self.count == 0:
+                print(self.prompt, end="")
             self._print(final=True)
             print()
         else:
@@ -133,7 +153,7 @@ def _sampling_defaults(model_dir: str) -> tuple[float | None, int | None, float 
 
 
 def _generate(args) -> int:
-    from fusedgpt.generation import generate_with_stats
+    from fusedgpt.generation import check_sampling, generate_with_stats
     from fusedgpt.models.tiny import TINY_MODEL_DIR
 
     given = [name for name, value in (("PROMPT", args.prompt_text), ("--prompt", args.prompt),
@@ -160,11 +180,14 @@ def _generate(args) -> int:
             raise ValueError(f"--batch-file {args.batch_file} holds no prompt")
     else:
         prompts = [args.prompt]
+    if args.temperature is not None and not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise ValueError("--temperature 0 is greedy decoding; --top-k / --top-p need a temperature > 0")
     if args.temperature is None and args.top_k is None and args.top_p is None:
         args.temperature, args.top_k, args.top_p = _sampling_defaults(args.model)
     do_sample = bool(args.temperature) or args.top_k is not None or args.top_p is not None
+    check_sampling(args.max_new_tokens, do_sample, args.temperature or 1.0, args.top_k, args.top_p)
     tokenizer = fusedgpt.load_tokenizer(args.model)
     model = fusedgpt.from_pretrained(args.model, dtype=dtype, device=device)
     encoded = [tokenizer.encode(prompt).ids for prompt in prompts]
@@ -177,9 +200,7 @@ def _generate(args) -> int:
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-    stream = _TextStream(tokenizer, len(prompts), args.max_new_tokens, eos)
-    if len(prompts) == 1:
-        print(prompts[0], end="", flush=True)
+    stream = _TextStream(tokenizer, len(prompts), args.max_new_tokens, eos, prompts[0])
     result = generate_with_stats(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
                                  do_sample=do_sample, temperature=args.temperature or 1.0, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed, streamer=stream, sync_every=4)
@@ -197,11 +218,21 @@ def _generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedgpt", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, GPU, extension build and backend per op")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedgpt", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusedgpt {fusedgpt.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("info", help="versions, the GPU, the CUDA extension's build and the backend of each op",
+                        description="Prints the python / torch / triton / CUDA versions, the visible GPUs, whether "
+                                    "the CUDA extension fusedgpt._C is built and for which architectures, and the "
+                                    "backend each op family uses on this machine.")
     _add_generate_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))

@@ -114,7 +114,8 @@ def sample(logits: Tensor, do_sample: bool, temperature: float, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every) -> None:
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every=1) -> None:
+    """Raises ValueError naming the first generation setting that is out of range."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
@@ -153,7 +154,7 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
                         sync_every: int = 8) -> GenerationResult:
     """generate(), returning the ids with the prefill and decode timings (see GenerationResult)."""
     check_input_ids(input_ids, model.config.vocab_size)
-    _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every)
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every)
     device = model.device
     if input_ids.device != device:
         raise ValueError(f"input_ids must be on the model's device ({device}), got {input_ids.device}")

@@ -569,7 +569,15 @@ def _patch_stack(key: str, stack: torch.nn.Module, attention: bool, layer_norm: 
             _override_forward(module, mlp_forward)
 
 
+def require_transformers(what: str) -> None:
+    """Raises ImportError saying how to install transformers when it is missing (an optional dependency)."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(f"{what} needs Hugging Face transformers, which is not installed: "
+                          "pip install 'fusedgpt[hf]' (or pip install 'transformers>=5.17')")
+
+
 def _patch(model: torch.nn.Module, wanted: str | None, attention: bool, layer_norm: bool, mlp: bool):
+    require_transformers("fusedgpt.patch")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fusedgpt.patch: model must be a torch.nn.Module (a transformers model), "
                         f"got {type(model).__name__}")
@@ -632,6 +640,7 @@ def register() -> None:
     """Registers "fusedgpt" with transformers' AttentionInterface and AttentionMaskInterface (imports
     transformers; idempotent). Runs by itself when transformers.modeling_utils is first imported."""
     global _causal_mask_function, _eager_mask, _output_collector
+    require_transformers("fusedgpt.patching.register")
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, eager_mask
     from transformers.modeling_utils import AttentionInterface
 
