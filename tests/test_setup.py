@@ -206,3 +206,34 @@ def test_setup_script_stops_before_compiling(variable, value, message):
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert lines == [f"fusedgpt setup: error: {message}" + lines[0].split(message, 1)[1]], result.stderr
     assert "nvcc -" not in result.stdout + result.stderr  # nothing compiled
+
+
+def test_failed_build_says_what_failed_and_how_to_skip(monkeypatch, capsys):
+    """The build command's account of a failure: architectures, nvcc, and FUSEDGPT_SKIP_CUDA_BUILD=1."""
+    import torch
+
+    if torch.version.cuda is None or (shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME")):
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit")
+    from setuptools import Distribution
+    from torch.utils import cpp_extension
+
+    # cuda_extension_or_reason sets these for the build; monkeypatch puts them back afterwards
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    extensions, commands = setup.cuda_extension_or_reason({"FUSEDGPT_CUDA_ARCHS": "9.0"})
+    assert [extension.name for extension in extensions] == ["fusedgpt._C"]
+    command_class = commands["build_ext"]
+
+    def compiler_fails(self):
+        raise RuntimeError("Error compiling objects for extension\nmore detail")
+
+    monkeypatch.setattr(command_class.__mro__[1], "build_extensions", compiler_fails)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="Error compiling objects"):
+        command_class(Distribution()).build_extensions()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3, err
+    assert err[0].startswith("fusedgpt setup: the CUDA extension fusedgpt._C failed to build for 9.0 with ")
+    assert err[0].endswith("bin/nvcc: Error compiling objects for extension")
+    assert "FAILED:" in err[1] and "FUSEDGPT_SKIP_CUDA_BUILD=1 pip install" in err[2]

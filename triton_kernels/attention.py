@@ -87,6 +87,7 @@ def _attention_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
+    stride_kv_start,  # kv_start's stride (an expanded [B] has 0)
     heads,
     q_len,
     kv_len,
@@ -118,7 +119,7 @@ def _attention_fwd_kernel(
     # Keys [lo, hi) can be visible to some query of this block; lo rounded down to a tile.
     start = 0
     if HAS_KV_START:
-        start = tl.maximum(tl.load(KV_START + b), 0)
+        start = tl.maximum(tl.load(KV_START + b * stride_kv_start), 0)
     lo = start
     if HAS_WINDOW:
         lo = tl.maximum(lo, first_pos - window + 1)
@@ -162,8 +163,8 @@ def _attention_fwd_kernel(
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
                   scale: float, kv_start: torch.Tensor | None) -> torch.Tensor:
-    """q [B, Sq, H, D], k and v [B, Sk, H, D] (unit stride on D), kv_start int32 [B] on q's device or
-    None. Arguments are assumed checked by fusedgpt.ops.attention. Returns a contiguous [B, Sq, H, D]."""
+    """q [B, Sq, H, D], k and v [B, Sk, H, D] (unit stride on D), kv_start int32 [B] (any stride) on q's
+    device or None. Arguments are assumed checked by fusedgpt.ops.attention. Returns a contiguous [B, Sq, H, D]."""
     batch, q_len, heads, dim = q.shape
     kv_len = k.shape[1]
     out = torch.empty((batch, q_len, heads, dim), dtype=q.dtype, device=q.device)
@@ -178,7 +179,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     _attention_fwd_kernel[grid](
         q, k, v, out, kv_start if kv_start is not None else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        heads, q_len, kv_len, window if window is not None else 0, scale * LOG2_E,
+        kv_start.stride(0) if kv_start is not None else 0, heads, q_len, kv_len, window if window is not None else 0, scale * LOG2_E,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), IS_CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
     )

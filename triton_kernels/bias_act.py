@@ -21,6 +21,7 @@ def _bias_act_fwd_kernel(
     rows,
     columns,
     stride_xm,
+    stride_bias,  # bias's stride (any: an expanded or strided [N] view is read as it is laid out)
     ACTIVATION: tl.constexpr,  # 0 gelu_tanh, 1 gelu, 2 relu
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -31,7 +32,7 @@ def _bias_act_fwd_kernel(
     mask = (row_ids[:, None] < rows) & (cols[None, :] < columns)
     v = tl.load(X + row_ids[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        v = v + tl.load(BIAS + cols, mask=cols < columns, other=0.0).to(tl.float32)[None, :]
+        v = v + tl.load(BIAS + cols * stride_bias, mask=cols < columns, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 0:
         inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
         v = v / (1.0 + tl.exp(-2.0 * inner))
@@ -43,7 +44,7 @@ def _bias_act_fwd_kernel(
 
 
 def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """x: [..., N] with unit last stride; bias: [N] or None. Returns a contiguous y like x."""
+    """x: [..., N] with unit last stride; bias: [N] (any stride) or None. Returns a contiguous y like x."""
     columns = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -54,7 +55,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) ->
     block_m = max(1, 4096 // block_n)  # about 4096 elements per program
     grid = (triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))
     _bias_act_fwd_kernel[grid](
-        x2, bias if bias is not None else x2, y, rows, columns, x2.stride(0),
+        x2, bias if bias is not None else x2, y, rows, columns, x2.stride(0), bias.stride(0) if bias is not None else 0,
         ACTIVATION=ACTIVATIONS.index(activation), HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )

@@ -40,6 +40,8 @@ def _decode_attention_split_kernel(
     stride_vcb, stride_vcs, stride_vch,
     stride_knb, stride_knt, stride_knh,
     stride_vnb, stride_vnt, stride_vnh,
+    stride_cache_lens,  # cache_lens' stride (an expanded [B] has 0)
+    stride_kv_start,  # kv_start's stride
     heads,
     tokens,
     max_len,
@@ -66,7 +68,7 @@ def _decode_attention_split_kernel(
 
     # Lengths outside [0, S_max] (corrupted) are clamped for reading, as the reference does (the keys are
     # then none or the whole cache, and no loop runs past S_max + T keys); nothing is appended for them.
-    raw_len = tl.load(CACHE_LENS + b)
+    raw_len = tl.load(CACHE_LENS + b * stride_cache_lens)
     cache_len = tl.minimum(tl.maximum(raw_len, 0), max_len)
     cached = cache_len  # keys j < cached are read from the cache
     seq_len = cache_len
@@ -89,7 +91,7 @@ def _decode_attention_split_kernel(
     # This split's share of the keys any query can see: [lo, hi), in tiles of BLOCK_N.
     lo = 0
     if HAS_KV_START:
-        lo = tl.maximum(tl.load(KV_START + b), 0)
+        lo = tl.maximum(tl.load(KV_START + b * stride_kv_start), 0)
     if HAS_WINDOW:
         lo = tl.maximum(lo, seq_len - tokens - window + 1)
     hi = seq_len
@@ -182,7 +184,8 @@ def choose_splits(batch_heads: int, key_range: int, block_n: int, device: torch.
 def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                          k: torch.Tensor | None, v: torch.Tensor | None, window: int | None, scale: float,
                          kv_start: torch.Tensor | None, num_splits: int | None = None) -> torch.Tensor:
-    """q [B, T, H, D]; caches [B, S_max, H, D]; cache_lens (and kv_start) int32 [B] on q's device;
+    """q [B, T, H, D]; caches [B, S_max, H, D]; cache_lens (and kv_start) int32 [B], any stride, on q's
+    device;
     k, v [B, T, H, D] or None (then nothing is written). Arguments are assumed checked by
     fusedgpt.ops.decode_attention. Returns a contiguous [B, T, H, D]."""
     batch, tokens, heads, dim = q.shape
@@ -203,7 +206,7 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         kv_start if kv_start is not None else cache_lens, part_acc, part_stats,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         *(k.stride()[:3] if has_new else (0, 0, 0)), *(v.stride()[:3] if has_new else (0, 0, 0)),
-        heads, tokens, max_len, window if window is not None else 0, scale * LOG2_E, splits,
+        cache_lens.stride(0), kv_start.stride(0) if kv_start is not None else 0, heads, tokens, max_len, window if window is not None else 0, scale * LOG2_E, splits,
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_N=block_n, HAS_NEW=has_new,
         HAS_WINDOW=window is not None, HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
         num_warps=4,

@@ -22,6 +22,7 @@ def _kv_append_fwd_kernel(
     stride_vcb, stride_vcs, stride_vch,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_pos,  # positions' stride (an expanded [B] has 0)
     tokens,
     heads,
     dim,
@@ -34,7 +35,7 @@ def _kv_append_fwd_kernel(
     t = bt % tokens
     head_ids = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
-    start = tl.load(POSITIONS + b)
+    start = tl.load(POSITIONS + b * stride_pos)
     fits = (start >= 0) & (start <= max_start)
     mask = (head_ids[:, None] < heads) & (dims[None, :] < dim) & fits
     slot = (start + t).to(tl.int64)
@@ -46,7 +47,7 @@ def _kv_append_fwd_kernel(
 
 def kv_append_fwd(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> None:
-    """Writes k, v [B, T, H, D] into k_cache, v_cache [B, S_max, H, D] at positions (int32 [B], on the
+    """Writes k, v [B, T, H, D] into k_cache, v_cache [B, S_max, H, D] at positions (int32 [B], any stride, on the
     caches' device). Shapes are assumed checked by the caller (fusedgpt.ops.kv_append)."""
     batch, tokens, heads, dim = k.shape
     if batch == 0 or tokens == 0 or heads == 0 or dim == 0:
@@ -56,7 +57,7 @@ def kv_append_fwd(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
     grid = (batch * tokens, triton.cdiv(heads, block_h))
     _kv_append_fwd_kernel[grid](
         k_cache, v_cache, k, v, positions,
-        *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3], positions.stride(0),
         tokens, heads, dim, k_cache.shape[1] - tokens,
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )

@@ -24,6 +24,8 @@ def _layer_norm_fwd_kernel(
     SUM,  # [rows, C] x + residual, contiguous (unused unless HAS_RESIDUAL)
     stride_xm,
     stride_rm,
+    stride_w,  # weight's stride (any: an expanded or strided [C] view is read as it is laid out)
+    stride_b,  # bias's stride
     columns,
     eps,
     HAS_RESIDUAL: tl.constexpr,
@@ -48,16 +50,16 @@ def _layer_norm_fwd_kernel(
     variance = tl.sum(centred * centred, axis=0) / columns
     y = centred * (1.0 / tl.sqrt(variance + eps))
     if HAS_WEIGHT:
-        y = y * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(WEIGHT + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y = y + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(BIAS + cols * stride_b, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * columns + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (y, s) with s = x + residual (None without a residual). x: [..., C], unit last stride,
-    C <= 16384; residual like x; weight, bias: [C] or None. Outputs are contiguous."""
+    C <= 16384; residual like x; weight, bias: [C] or None, any stride. Outputs are contiguous."""
     columns = x.shape[-1]
     x2 = x.reshape(-1, columns)  # (rows, C), a view when the leading dims allow it
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -71,7 +73,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     num_warps = min(16, max(4, block // 512))
     _layer_norm_fwd_kernel[(rows,)](
         x2, residual2, weight if weight is not None else x2, bias if bias is not None else x2, y,
-        s if s is not None else y, x2.stride(0), residual2.stride(0), columns, eps,
+        s if s is not None else y, x2.stride(0), residual2.stride(0),
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0, columns, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_C=block, num_warps=num_warps,
     )

@@ -154,6 +154,7 @@ def _sampling_defaults(model_dir: str) -> tuple[float | None, int | None, float 
 
 def _generate(args) -> int:
     from fusedgpt.generation import check_sampling, generate_with_stats
+    from fusedgpt.models.loading import resolve_device
     from fusedgpt.models.tiny import TINY_MODEL_DIR
 
     given = [name for name, value in (("PROMPT", args.prompt_text), ("--prompt", args.prompt),
@@ -169,9 +170,10 @@ def _generate(args) -> int:
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"checkpoint directory not found: {args.model} (fusedgpt loads local directories "
                                 "only; download the model first)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is visible")
+    try:
+        device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from None
     dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else args.dtype
     if args.batch_file is not None:
         with open(args.batch_file, encoding="utf-8") as handle:

@@ -122,7 +122,7 @@ def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_ev
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
     if not do_sample:
         return
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} "
                          "(greedy decoding is do_sample=False)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -169,6 +169,12 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
+    vocab = model.config.vocab_size
+    for name, token in [("pad_token_id", pad)] + [("eos_token_id", token) for token in eos]:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {token!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if cuda_graph is None:  # the reference decode attention reads lengths on the host: not capturable
         cuda_graph = device.type == "cuda" and choose_backend("decode_attention", device) != "torch"
     if cuda_graph and device.type != "cuda":

@@ -54,7 +54,9 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import functools
 import importlib.util
+import inspect
 import sys
 import types
 import warnings
@@ -412,15 +414,31 @@ def _mlp_forward(activation: str, conv1d: bool):
 # Blocks: the residual add folded into the norm that follows it
 # ----------------------------------------------------------------------------------------------------
 
-def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None,
-                        encoder_attention_mask=None, use_cache=False, **kwargs):
+@functools.cache
+def _signature(forward) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
+def _named_arguments(forward, module, *args, **kwargs) -> tuple[dict, str]:
+    """The arguments of a call to the original `forward`, by name (its **kwargs merged in), and the name that
+    forward gives the cache: transformers renamed `past_key_values` to `cache` (5.2x); a patched forward
+    passes it on under the same name, so it works, without deprecation warnings, on either side."""
+    arguments = dict(_signature(forward).bind(module, *args, **kwargs).arguments)
+    arguments.pop("self", None)
+    arguments.update(arguments.pop("kwargs", {}))
+    return arguments, "cache" if "cache" in _signature(forward).parameters else "past_key_values"
+
+
+def _gpt2_block_forward(self, hidden_states, *args, **kwargs):
     """GPT2Block.forward with ln_2 fused with the attention's residual add (cross-attention blocks, and
     blocks whose ln_2 is not fused, run the original)."""
-    if encoder_hidden_states is not None or not isinstance(self.ln_2, LayerNorm):
-        return type(self).forward(self, hidden_states, past_key_values, attention_mask, encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
-    attn_output, _ = self.attn(self.ln_1(hidden_states), past_key_values=past_key_values,
-                               attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+    original = type(self).forward
+    arguments, cache = _named_arguments(original, self, hidden_states, *args, **kwargs)
+    if arguments.pop("encoder_hidden_states", None) is not None or not isinstance(self.ln_2, LayerNorm):
+        return original(self, hidden_states, *args, **kwargs)
+    arguments.pop("encoder_attention_mask", None)
+    hidden_states = arguments.pop("hidden_states")
+    attn_output, _ = self.attn(self.ln_1(hidden_states), **{cache: arguments.pop(cache, None)}, **arguments)
     normed, hidden_states = self.ln_2(attn_output, hidden_states)  # LN(attn + residual), attn + residual
     return hidden_states + self.mlp(normed)
 
@@ -439,17 +457,18 @@ def _gpt_neo_block_forward(self, hidden_states, layer_past=None, attention_mask=
 
 
 def _opt_layer_forward(activation: str | None):
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
-                **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         """OPTDecoderLayer.forward with the residual adds folded into the norms that follow them (pre-LN:
         the attention's add into final_layer_norm; post-LN, opt-350m: both adds) when the norms are
         fused, and fc1's bias + activation fused when `activation` is given."""
+        arguments, _ = _named_arguments(type(self).forward, self, hidden_states, *args, **kwargs)
+        hidden_states = arguments.pop("hidden_states")
+        arguments.pop("use_cache", None)  # the attention takes the cache itself, not the flag
         fused_norms = isinstance(self.final_layer_norm, LayerNorm)
         residual = hidden_states
         if self.do_layer_norm_before:
             hidden_states = self.self_attn_layer_norm(hidden_states)
-        attn_output, _ = self.self_attn(hidden_states=hidden_states, past_key_values=past_key_values,
-                                        position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+        attn_output, _ = self.self_attn(hidden_states=hidden_states, **arguments)
         attn_output = F.dropout(attn_output, p=self.dropout, training=self.training)
         if self.do_layer_norm_before:
             if fused_norms:

@@ -101,7 +101,7 @@ def test_out_of_range_is_reported_when_known_on_the_host(backend, device):
     (lambda c, n, p: kv_append(c, c, n.transpose(2, 3), n.transpose(2, 3), p), ValueError,
      "k must have a contiguous last dimension"),
     (lambda c, n, p: kv_append(c.int(), c.int(), n.int(), n.int(), p), TypeError, "k_cache must be one of"),
-    (lambda c, n, p: kv_append(c, c, n, n, p, backend="cuda"), ValueError, "needs CUDA tensors"),
+    (lambda c, n, p: kv_append(c, c.clone(), n, n, p, backend="cuda"), ValueError, "needs CUDA tensors"),
 ])
 def test_bad_input_is_named(call, error, match):
     cache, new = torch.randn(2, 8, 4, 16), torch.randn(2, 3, 4, 16)

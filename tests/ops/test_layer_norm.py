@@ -113,6 +113,10 @@ def test_autograd_calls_take_the_reference():
     (lambda: layer_norm(torch.randn(2, 4), residual=torch.randn(3, 4)), ValueError,
      "residual must have the shape of x"),
     (lambda: layer_norm(torch.randn(2, 4), eps=-1.0), ValueError, "eps must be a non-negative"),
+    (lambda: layer_norm(torch.randn(2, 4), eps=float("nan")), ValueError, "eps must be a non-negative finite number, "
+                                                                         "got nan"),
+    (lambda: layer_norm(torch.randn(2, 4), eps=float("inf")), ValueError, "eps must be a non-negative finite"),
+    (lambda: layer_norm(torch.randn(2, 4), eps=True), ValueError, "eps must be a non-negative finite number, got True"),
     (lambda: layer_norm(torch.randn(2, 4), backend="fast"), ValueError, "backend must be one of"),
     (lambda: layer_norm(torch.randn(2, 4), backend="cuda"), ValueError, "cuda backend needs CUDA tensors"),
 ])

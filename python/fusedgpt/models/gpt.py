@@ -64,6 +64,10 @@ class GPTConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_positions"):
+            value = getattr(self, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"GPTConfig: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                              f"({self.num_heads})")
@@ -141,9 +145,9 @@ def left_padding(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | N
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
-    mask = attention_mask.to(torch.int32)
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):  # before any cast: 0.5 is not 0
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.to(torch.int32)
     kv_start = mask.shape[1] - mask.sum(dim=1, dtype=torch.int32)  # (B,)
     expected = (torch.arange(mask.shape[1], device=mask.device)[None, :] >= kv_start[:, None]).to(torch.int32)
     bad = (mask != expected).any(dim=1).nonzero().flatten().tolist()
@@ -307,8 +311,8 @@ class GPT(nn.Module):
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, S] with B >= 1 and S >= 1, got {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
     low, high = int(input_ids.min()), int(input_ids.max())  # a host read: prompts only, never in a step

@@ -110,10 +110,33 @@ def _build(hf_config: dict, state: dict, dtype: torch.dtype | None, device, *, c
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file; a missing, unreadable or malformed file is an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def resolve_device(device) -> torch.device:
+    """None (the CPU), a torch.device or a string -> a torch.device that exists on this machine."""
+    try:
+        resolved = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device: {error}") from None
+    if resolved.type == "cpu" and resolved.index not in (None, 0):
+        raise ValueError(f"device {device!r} does not exist: the CPU is device cpu (or cpu:0)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return resolved
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:
@@ -125,7 +148,14 @@ def _checkpoint_files(directory: Path) -> list[Path]:
             weight_map = _read_json(directory / index, "checkpoint index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{directory / index} has no weight_map")
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            root = directory.resolve()
+            files = []
+            for name in dict.fromkeys(weight_map.values()):
+                file = directory / name if isinstance(name, str) else None
+                if file is None or not file.resolve().is_relative_to(root):
+                    raise ValueError(f"{directory / index}: weight_map entry {name!r} is not a file inside {directory}; "
+                                     "refusing to read outside the checkpoint directory")
+                files.append(file)
             for file in files:
                 if not file.is_file():
                     raise FileNotFoundError(f"checkpoint shard not found: {file} (listed in {directory / index})")
@@ -135,12 +165,23 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 
 
 def _load_file(file: Path, device) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file; a truncated or corrupt file is a ValueError naming it."""
     load_device = str(torch.device(device)) if device is not None else "cpu"
-    if file.name.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if file.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(str(file), device=load_device)
-    return torch.load(file, map_location=load_device, weights_only=True)
+            state = load_file(str(file), device=load_device)
+        else:
+            state = torch.load(file, map_location=load_device, weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as error:  # safetensors' SafetensorError, pickle's UnpicklingError, torch's RuntimeError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{file} cannot be read (truncated or corrupt?): {first_line}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{file} does not hold a state dict of tensors")
+    return state
 
 
 def from_pretrained(path, dtype=None, device=None) -> GPT:
@@ -157,6 +198,7 @@ def from_pretrained(path, dtype=None, device=None) -> GPT:
                                 "only; download the model first)")
     hf_config = _read_json(directory / "config.json", "config.json")
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     _adapter(hf_config)  # an unsupported model_type fails before any weight is read
     state: dict[str, torch.Tensor] = {}
     for file in _checkpoint_files(directory):
@@ -201,13 +243,20 @@ def load_tokenizer(path):
                               for name in ("tokenizer_config.json", "config.json"))
     model_type = model_config.get("model_type")
     if (directory / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as error:  # the tokenizers library raises a plain Exception
+            raise ValueError(f"{directory / 'tokenizer.json'} cannot be read as a tokenizer: {error}") from None
     else:
         missing = [name for name in ("vocab.json", "merges.txt") if not (directory / name).is_file()]
         if missing:
             raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json and "
                                     f"merges.txt (missing: {', '.join(missing)})")
-        tokenizer = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+        try:
+            tokenizer = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+        except Exception as error:
+            raise ValueError(f"{directory / 'vocab.json'} and merges.txt cannot be read as a BPE tokenizer: "
+                             f"{error}") from None
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(settings.get("add_prefix_space")))
         tokenizer.decoder = decoders.ByteLevel()
         specials = [_token_content(settings.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedgpt.ops._backend import triton_interpreter_enabled
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -59,11 +61,17 @@ def needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+INTERPRETER_BFLOAT16 = ("Triton's interpreter (TRITON_INTERPRET=1) gets bfloat16 wrong (tl.dot is off by orders "
+                       "of magnitude, stores truncate instead of rounding); bfloat16 CPU tensors use the reference")
+
+
 def kernel_limits(x: torch.Tensor) -> dict[str, str]:
     """What the cuda and triton kernels cannot serve for input x (the reference serves everything)."""
     if x.dtype == torch.float64:
         reason = "the kernels take float16, bfloat16 or float32, got float64"
         return {"cuda": reason, "triton": reason}
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and triton_interpreter_enabled():
+        return {"triton": INTERPRETER_BFLOAT16}
     return {}
 
 
@@ -94,6 +102,9 @@ def check_head_tensors(op: str, named: list[tuple[str, torch.Tensor]]) -> None:
         check_tensor(op, name, tensor, rank=4)
         check_float(op, name, tensor)
         check_unit_last_stride(op, name, tensor)
+        if tensor.shape[2] == 0 or tensor.shape[3] == 0:
+            raise ValueError(f"fusedgpt.ops.{op}: {name} must have at least one head of at least one channel "
+                             f"([B, S, H, D] with H, D >= 1), got shape {tuple(tensor.shape)}")
 
 
 def check_same_heads(op: str, name: str, value: torch.Tensor, seq: str, ref_name: str, ref: torch.Tensor) -> None:
@@ -102,3 +113,50 @@ def check_same_heads(op: str, name: str, value: torch.Tensor, seq: str, ref_name
     if (value.shape[0], value.shape[2], value.shape[3]) != (batch, heads, dim):
         raise ValueError(f"fusedgpt.ops.{op}: {name} must have shape [B, {seq}, H, D] = [{batch}, {seq}, {heads}, "
                          f"{dim}] to match {ref_name}, got {tuple(value.shape)}")
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes the tensor's elements occupy (non-negative strides: torch has no others)."""
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of the tensor may share memory: an expanded (stride 0) dim, or strides that
+    interleave. Exact for every layout made by expand, view, transpose, slicing and unfold-free as_strided
+    with sorted-nesting strides; conservative (True) for exotic as_strided views."""
+    extent = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def check_cache_writes(op: str, caches: list[tuple[str, torch.Tensor]], news: list[tuple[str, torch.Tensor]]) -> None:
+    """The caches an op writes in place own their memory: no cache element shares memory with another
+    (expanded caches would take every sequence's writes in one place), the two caches are not the same
+    memory, and no new key/value tensor overlaps a cache (the kernels read and write in one pass, so the
+    result would depend on their order). Host-only (pointers and strides, no device read); skipped while
+    torch.compile traces, where tensors have no memory."""
+    if torch.compiler.is_compiling():
+        return
+    for name, cache in caches:
+        if cache.numel() and overlaps_itself(cache):
+            raise ValueError(f"fusedgpt.ops.{op}: {name} has elements that share memory (shape {tuple(cache.shape)}, "
+                             f"strides {cache.stride()}: an expanded or overlapping view); the writes would land on "
+                             f"each other. Pass a cache that owns its memory (e.g. {name}.contiguous())")
+    (first, first_cache), (second, second_cache) = caches
+    if first_cache.numel() and first_cache.data_ptr() == second_cache.data_ptr():
+        raise ValueError(f"fusedgpt.ops.{op}: {first} and {second} are the same memory; keys and values need a "
+                         "cache each")
+    for name, new in news:
+        if not new.numel():
+            continue
+        start, end = _byte_range(new)
+        for cache_name, cache in caches:
+            cache_start, cache_end = _byte_range(cache) if cache.numel() else (0, 0)
+            if start < cache_end and cache_start < end:
+                raise ValueError(f"fusedgpt.ops.{op}: {name} shares memory with {cache_name} (is it a view of the "
+                                 f"cache?); the kernels read {name} while they write {cache_name}. Pass a copy "
+                                 f"({name}.clone())")

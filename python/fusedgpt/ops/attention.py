@@ -37,7 +37,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     scores = (qh @ kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     visible = visible_keys(q_len, kv_len, causal=causal, window=window, kv_start=kv_start, device=q.device)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    # A row with no visible key is all -inf, so softmax gives NaN there: those rows, and only those, are
+    # zeros. A NaN from the inputs (q, k, v or the scale) stays NaN, as on the kernels.
+    probs = torch.where(visible.any(dim=-1, keepdim=True), probs, 0.0)
     return (probs @ vh).transpose(1, 2).to(q.dtype).contiguous()  # (B, Sq, H, D)
 
 

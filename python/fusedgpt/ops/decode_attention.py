@@ -18,8 +18,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
-                                  check_window_and_scale, needs_autograd)
+from fusedgpt.ops._checks import (check_cache_writes, check_head_tensors, check_int32_per_sequence, check_like,
+                                  check_same_heads, check_window_and_scale, needs_autograd)
 from fusedgpt.ops.attention import attention_kernel_limits, attention_reference
 from fusedgpt.ops.kv_append import kv_append_reference
 from fusedgpt.triton_kernels.attention import default_scale
@@ -56,6 +56,8 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cach
                                            kv_start=start))
     if k is not None:
         kv_append_reference(k_cache, v_cache, k, v, cache_lens)
+    if not outputs:  # an empty batch
+        return q.new_empty(q.shape)
     return torch.cat(outputs, dim=0)  # (B, T, H, D)
 
 
@@ -104,6 +106,8 @@ def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> No
         if lengths is not None:
             check_int32_per_sequence(op, name, lengths, batch, q.device, allow_cpu=True)
     check_window_and_scale(op, window, scale)
+    if k is not None:
+        check_cache_writes(op, [("k_cache", k_cache), ("v_cache", v_cache)], [("k", k), ("v", v), ("q", q)])
 
 
 def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appending: bool) -> None:

@@ -23,8 +23,8 @@ import torch
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
-from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
-                                  kernel_limits)
+from fusedgpt.ops._checks import (check_cache_writes, check_head_tensors, check_int32_per_sequence, check_like,
+                                  check_same_heads, kernel_limits)
 from fusedgpt.triton_kernels.kv_append import kv_append_fwd
 
 Tensor = torch.Tensor
@@ -76,6 +76,7 @@ def _check(k_cache, v_cache, k, v, positions) -> None:
         raise ValueError(f"fusedgpt.ops.kv_append: the cache is too small: k has {tokens} tokens but k_cache "
                          f"holds at most {max_len}")
     check_int32_per_sequence(op, "positions", positions, batch, k_cache.device, allow_cpu=True)
+    check_cache_writes(op, [("k_cache", k_cache), ("v_cache", v_cache)], [("k", k), ("v", v)])
 
 
 def _check_positions_in_range(positions: Tensor, tokens: int, max_len: int) -> None:
@@ -96,8 +97,9 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
     k_cache, v_cache: [B, S_max, H, D]; k, v: [B, T, H, D]; all of one float dtype and device, any strides
     with unit stride on D (so [B, H, S, D] caches transposed to [B, S, H, D] work). positions: int32 [B],
     the tokens already in each sequence's cache, on the caches' device (no host sync: capturable in a
-    CUDA graph) or on the CPU (checked on the host, then copied). Returns nothing. k and v must not
-    share memory with the cache slots being written (the kernels read and write in one pass).
+    CUDA graph) or on the CPU (checked on the host, then copied). Returns nothing. The caches must own
+    their memory (an expanded cache is refused) and k, v must not share memory with them (refused: the
+    kernels read and write in one pass); both checks read only pointers and strides.
     A sequence that would not fit is skipped whole; see the module docstring for how the caller learns
     of it (CPU positions or check=True raise ValueError)."""
     _check(k_cache, v_cache, k, v, positions)

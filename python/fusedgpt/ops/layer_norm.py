@@ -88,8 +88,8 @@ def _check(x, weight, bias, eps, residual) -> None:
         check_tensor(op, "residual", residual)
         check_like(op, "residual", residual, "x", x, shape=True)
         check_unit_last_stride(op, "residual", residual)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"fusedgpt.ops.layer_norm: eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):  # NaN fails too
+        raise ValueError(f"fusedgpt.ops.layer_norm: eps must be a non-negative finite number, got {eps!r}")
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
