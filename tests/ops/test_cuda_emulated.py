@@ -259,3 +259,31 @@ def test_address_sanitizer_sees_the_kernels_accesses():
                          timeout=1800)
     assert run.returncode == 0 and " passed" in run.stdout, (run.stdout[-3000:], run.stderr[-3000:])
     assert "AddressSanitizer" not in run.stderr, run.stderr[-3000:]
+
+
+# ---- small tensors given as expanded or strided views (the host code must honour their layout) -------
+
+def test_strided_and_expanded_small_tensors(emulated):
+    columns = 264
+    x = torch.randn(3, columns, dtype=torch.float16)
+    weight, bias = torch.randn(2 * columns, dtype=torch.float16)[::2], torch.tensor([0.5], dtype=torch.float16)
+    bias = bias.expand(columns)
+    assert torch.equal(emulated.layer_norm(x, weight, bias, 1e-5),
+                       emulated.layer_norm(x, weight.contiguous(), bias.contiguous(), 1e-5))
+    assert torch.equal(emulated.bias_act(x, weight, "gelu_tanh"), emulated.bias_act(x, weight.contiguous(), "gelu_tanh"))
+    batch, max_len, heads, dim = 3, 16, 2, 64
+    k, v = torch.randn(batch, 2, heads, dim, dtype=torch.float16), torch.randn(batch, 2, heads, dim, dtype=torch.float16)
+    positions = torch.tensor([5], dtype=torch.int32).expand(batch)
+    caches = [torch.zeros(batch, max_len, heads, dim, dtype=torch.float16) for _ in range(2)]
+    emulated.kv_append(caches[0], caches[1], k, v, positions)
+    assert torch.equal(caches[0][:, 5:7], k) and torch.equal(caches[1][:, 5:7], v) and not caches[0][:, :5].any()
+    q = torch.randn(batch, 1, heads, dim, dtype=torch.float16)
+    kv_start = torch.tensor([0, 9, 1, 9, 3, 9], dtype=torch.int32)[::2]
+    lens = torch.tensor([7], dtype=torch.int32).expand(batch)
+    out = emulated.decode_attention(q, caches[0], caches[1], lens, None, None, None, 0.125, kv_start, 2)
+    want = emulated.decode_attention(q, caches[0], caches[1], lens.contiguous(), None, None, None, 0.125,
+                                     kv_start.contiguous(), 2)
+    assert torch.equal(out, want)
+    q = torch.randn(batch, 8, heads, dim, dtype=torch.float16)
+    assert torch.equal(emulated.attention(q, q, q, True, None, 0.125, kv_start),
+                       emulated.attention(q, q, q, True, None, 0.125, kv_start.contiguous()))

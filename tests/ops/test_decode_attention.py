@@ -9,7 +9,7 @@ from utils import (ALL_BACKENDS, DEVICES, DTYPES, assert_equal_with_nan, assert_
                    expected_after_append, poison_allocator, skip_unsupported)
 
 from fusedgpt.ops import decode_attention, decode_attention_reference
-from fusedgpt.ops.attention import visible_keys
+from fusedgpt.ops.attention import attention_reference, visible_keys
 
 
 def _caches(batch, max_len, heads, dim, dtype, device, lengths, layout="bshd"):
@@ -101,23 +101,33 @@ def test_without_append_and_with_strided_caches(backend, device):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_new_tokens_that_do_not_fit_are_attended_but_not_written(backend, device):
+    """A sequence whose new tokens overhang S_max still attends to them but writes nothing. Device lengths
+    are not checked on the host (CPU ones are: next test), so on the CPU the kernel's custom op, or the
+    reference itself for the torch backend, is called directly; both are compared with an independent
+    float64 computation (the prefill reference over the cached keys followed by the new ones) and with the
+    cache built slot by slot."""
     skip_unsupported(backend, device, torch.float32)
-    # Device lengths are not checked on the host; the CPU ones are (next test), so call the op directly.
     lengths = [126, 10]  # 126 + 4 > 128: not written, still attended to
-    if device == "cpu" and backend != "torch":
-        q = torch.randn(2, 4, 2, 64)
-        k_cache, v_cache = _caches(2, 128, 2, 64, torch.float32, "cpu", lengths)
-        k, v = torch.randn(2, 4, 2, 64), torch.randn(2, 4, 2, 64)
-        cache_lens = torch.tensor(lengths, dtype=torch.int32)
-        expected_k = expected_after_append(k_cache, k, cache_lens)
-        reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), cache_lens,
-                                               k=k.double(), v=v.double())
+    if device == "cuda":
+        _run(backend, device, torch.float32, 2, 4, 128, 2, 64, lengths)
+        return
+    q = torch.randn(2, 4, 2, 64)
+    k_cache, v_cache = _caches(2, 128, 2, 64, torch.float32, "cpu", lengths)
+    k, v = torch.randn(2, 4, 2, 64), torch.randn(2, 4, 2, 64)
+    cache_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected_k = expected_after_append(k_cache, k, cache_lens)
+    expected_v = expected_after_append(v_cache, v, cache_lens)
+    keys = [torch.cat([k_cache[b:b + 1, :n], k[b:b + 1]], dim=1).double() for b, n in enumerate(lengths)]
+    values = [torch.cat([v_cache[b:b + 1, :n], v[b:b + 1]], dim=1).double() for b, n in enumerate(lengths)]
+    expected = torch.cat([attention_reference(q[b:b + 1].double(), keys[b], values[b], scale=0.125) for b in range(2)])
+    if backend == "torch":
+        out = decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, scale=0.125)
+    else:
         out = torch.ops.fusedgpt.decode_attention_triton(q, k_cache, v_cache, cache_lens, k, v, None, 0.125, None,
                                                          None)
-        torch.testing.assert_close(out.double(), reference, rtol=0, atol=1e-5)
-        assert_equal_with_nan(k_cache, expected_k)
-    elif device == "cuda":
-        _run(backend, device, torch.float32, 2, 4, 128, 2, 64, lengths)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert_equal_with_nan(k_cache, expected_k)
+    assert_equal_with_nan(v_cache, expected_v)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
