@@ -184,7 +184,9 @@ def test_attention_nan_propagates_and_only_empty_rows_are_zero(backend, device):
     nan_free[3, 1] = 0
     assert not nan_free.isnan().any()
     assert torch.equal(out[1], torch.zeros_like(out[1])), "rows with no visible key must be zeros"
-    assert attention(q, k, v, scale=float("nan"), backend=backend)[0].isnan().all()
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            attention(q, k, v, scale=scale, backend=backend)
     k[0, 1, 0, 0] = float("nan")  # key 1 is visible from query 1 on
     out = attention(q, k, v, backend=backend)
     assert not out[0, 0, 0].isnan().any() and out[0, 1:, 0].isnan().all()
@@ -219,3 +221,28 @@ def test_bfloat16_under_the_interpreter_is_routed_to_the_reference():
         with pytest.raises(ValueError, match="gets bfloat16 wrong"):
             op()
     assert torch.equal(layer_norm(q, None, None, 1e-5), layer_norm(q, None, None, 1e-5, backend="torch"))
+
+
+# ---- the "torch" backend reads nothing back to the host ---------------------------------------------
+
+def test_torch_backend_runs_on_fake_tensors():
+    """Under FakeTensorMode a tensor has no values, so any host read (.item(), .tolist(), a Python branch
+    on a tensor) raises: the torch backend's attention, decode attention (with the append), layer norm and
+    bias + activation trace without one, so a decode step on them can be compiled or captured."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedgpt.ops.attention import _attention_torch
+    from fusedgpt.ops.bias_act import _bias_act_torch
+    from fusedgpt.ops.decode_attention import _decode_attention_torch
+    from fusedgpt.ops.layer_norm import _layer_norm_torch
+
+    with FakeTensorMode():
+        q = torch.randn(2, 1, 4, 16)
+        k_cache, v_cache = torch.randn(2, 32, 4, 16), torch.randn(2, 32, 4, 16)
+        lens, kv_start = torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+        assert _decode_attention_torch(q, k_cache, v_cache, lens, q.clone(), q.clone(), 8, 0.25, kv_start).shape == q.shape
+        prompt = torch.randn(2, 8, 4, 16)
+        assert _attention_torch(prompt, prompt, prompt, True, 4, 0.25, kv_start).shape == prompt.shape
+        x = torch.randn(3, 64)
+        assert _layer_norm_torch(x, torch.ones(64), None, 1e-5, x.clone())[1].shape == x.shape
+        assert _bias_act_torch(x, torch.zeros(64), "gelu_tanh").shape == x.shape

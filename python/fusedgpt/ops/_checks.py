@@ -3,6 +3,8 @@ and what was received (TypeError for a wrong type or dtype, ValueError for a wro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fusedgpt.ops._backend import triton_interpreter_enabled
@@ -94,6 +96,8 @@ def check_window_and_scale(op: str, window, scale) -> None:
         raise ValueError(f"fusedgpt.ops.{op}: window must be a positive int or None, got {window!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"fusedgpt.ops.{op}: scale must be a number or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"fusedgpt.ops.{op}: scale must be finite, got {scale}")
 
 
 def check_head_tensors(op: str, named: list[tuple[str, torch.Tensor]]) -> None:

@@ -10,6 +10,7 @@ backend and runs it. GPU paths, custom ops with fake implementations:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
@@ -59,6 +60,22 @@ def visible_keys(q_len: int, kv_len: int, *, causal: bool, window: int | None, k
         not_padding = key_pos[None, :] >= kv_start.to(device, torch.int64)[:, None]  # (B, Sk)
         visible = visible & not_padding[:, None, None, :]  # (B, 1, Sq, Sk)
     return visible
+
+
+def _attention_torch(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, scale: float,
+                     kv_start: Tensor | None) -> Tensor:
+    """The "torch" backend: torch's scaled_dot_product_attention (its fused CPU / GPU kernels) with the
+    specification's visibility mask, on [B, H, S, D] views of the inputs (no copies). Rows with no visible
+    key are zeros, as specified (SDPA leaves them undefined); no host reads."""
+    q_len, kv_len = q.shape[1], k.shape[1]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) views
+    if kv_start is None and window is None and (not causal or q_len == kv_len):
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)  # every row sees a key
+    else:
+        visible = visible_keys(q_len, kv_len, causal=causal, window=window, kv_start=kv_start, device=q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible, scale=scale)
+        out = torch.where(visible.any(dim=-1, keepdim=True), out, 0.0)  # (B, H, Sq, D)
+    return out.transpose(1, 2).contiguous()  # (B, Sq, H, D)
 
 
 @torch.library.custom_op("fusedgpt::attention_triton", mutates_args=())
@@ -151,7 +168,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
                                                                       unsupported=unsupported,
                                                                       size=q.numel() + k.numel())
     if chosen == "torch":
-        return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+        if needs_autograd(q, k, v):
+            return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+        return _attention_torch(q, k, v, causal, window, scale, kv_start)
     if chosen == "cuda":
         return torch.ops.fusedgpt.attention(q, k, v, causal, window, scale, kv_start)
     return _attention_triton(q, k, v, causal, window, scale, kv_start)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
@@ -35,6 +36,18 @@ def bias_act_reference(x: Tensor, bias: Tensor | None, activation: str) -> Tenso
     else:
         y = torch.relu(v)
     return y.to(x.dtype)
+
+
+def _bias_act_torch(x: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    """The "torch" backend: torch's own GELU (tanh or erf) / ReLU on x + bias, in x's dtype."""
+    v = x if bias is None else x + bias
+    if activation == "gelu_tanh":
+        y = F.gelu(v, approximate="tanh")
+    elif activation == "gelu":
+        y = F.gelu(v)
+    else:
+        y = F.relu(v)
+    return y.contiguous()
 
 
 @torch.library.custom_op("fusedgpt::bias_act_triton", mutates_args=())
@@ -68,7 +81,7 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
     chosen = "torch" if needs_autograd(x, bias) else choose_backend(op, x.device, backend,
                                                                       unsupported=kernel_limits(x), size=x.numel())
     if chosen == "torch":
-        return bias_act_reference(x, bias, activation)
+        return bias_act_reference(x, bias, activation) if needs_autograd(x, bias) else _bias_act_torch(x, bias, activation)
     if chosen == "cuda":
         return torch.ops.fusedgpt.bias_act(x, bias, activation)
     return _bias_act_triton(x, bias, activation)

@@ -15,6 +15,7 @@ tensor, or with check=True (one device sync); inside a captured step the caller 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
@@ -78,6 +79,43 @@ if _CUDA_OP_BUILT:
     torch.library.register_fake("fusedgpt::decode_attention")(_decode_attention_fake)
 
 SPLIT_GRANULE = 64  # keys: a split never gets less than this (see choose_splits)
+
+
+def _decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, k: Tensor | None,
+                            v: Tensor | None, window: int | None, scale: float, kv_start: Tensor | None) -> Tensor:
+    """The "torch" backend: torch's scaled_dot_product_attention over the cache followed by the new tokens
+    (read from k, v themselves, so a block that does not fit is still attended to), with the specification's
+    visibility computed on the device; then the append, by kv_append's reference. It reads nothing back to
+    the host, so a decode step on it can be traced or captured."""
+    batch, tokens = q.shape[:2]
+    max_len = k_cache.shape[1]
+    if batch == 0:
+        return q.new_empty(q.shape)
+    device = q.device
+    cached = cache_lens.to(device=device, dtype=torch.int64).clamp(0, max_len)  # (B,) corrupt lengths clamped
+    steps = torch.arange(tokens, device=device)
+    key_pos = torch.arange(max_len, device=device).expand(batch, max_len)  # (B, S_max): cache slot j is position j
+    filled = key_pos < cached[:, None]
+    # Slots past a sequence's length may hold anything (NaN in a fresh cache); a NaN score stays NaN under
+    # the mask and a zero weight times NaN is NaN, so those keys and values are zeroed, not only masked.
+    keys, values = (torch.where(filled[:, :, None, None], cache, 0.0) for cache in (k_cache, v_cache))
+    if k is not None:  # the new tokens at positions cached + t
+        key_pos = torch.cat([key_pos, cached[:, None] + steps], dim=1)  # (B, S_max + T)
+        filled = torch.cat([filled, filled.new_ones(batch, tokens)], dim=1)
+        keys, values = torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1)
+    query_pos = (cached[:, None] + (tokens if k is not None else 0) - tokens + steps)[:, :, None]  # (B, T, 1)
+    keys_pos = key_pos[:, None, :]  # (B, 1, K)
+    mask = filled[:, None, :] & (keys_pos <= query_pos)  # (B, T, K)
+    if window is not None:
+        mask &= keys_pos > query_pos - window
+    if kv_start is not None:
+        mask &= keys_pos >= kv_start.to(device=device, dtype=torch.int64)[:, None, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale)  # (B, H, T, D)
+    out = torch.where(mask.any(dim=-1)[:, None, :, None], out, 0.0)  # no visible key: zeros
+    if k is not None:
+        kv_append_reference(k_cache, v_cache, k, v, cache_lens)
+    return out.transpose(1, 2).contiguous()  # (B, T, H, D)
 
 
 def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> None:
@@ -155,8 +193,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
                                                                       unsupported=unsupported,
                                                                       size=k_cache.numel())
     if chosen == "torch":
-        return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
-                                          kv_start=kv_start)
+        if needs_autograd(q, k, v):
+            return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
+                                              kv_start=kv_start)
+        return _decode_attention_torch(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
     if chosen == "cuda":
         batch, tokens, heads = q.shape[:3]
         key_range = (min(max_len, window) if window is not None else max_len) + tokens

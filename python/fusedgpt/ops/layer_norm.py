@@ -10,6 +10,7 @@ implementations:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
@@ -42,6 +43,15 @@ def layer_norm_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor |
     if bias is not None:
         y = y + bias.to(compute)
     y = y.to(x.dtype)
+    return (y, s) if residual is not None else y
+
+
+def _layer_norm_torch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                     residual: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The "torch" backend: torch's own layer_norm (fp32 statistics for fp16 / bf16, as the kernels), the
+    residual add in x's dtype as the specification stores it. No host reads."""
+    s = x if residual is None else (x + residual).contiguous()
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps).contiguous()
     return (y, s) if residual is not None else y
 
 
@@ -107,7 +117,9 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         "layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel())
     eps = float(eps)
     if chosen == "torch":
-        return layer_norm_reference(x, weight, bias, eps, residual)
+        if needs_autograd(x, weight, bias, residual):
+            return layer_norm_reference(x, weight, bias, eps, residual)
+        return _layer_norm_torch(x, weight, bias, eps, residual)
     if chosen == "cuda":
         if residual is None:
             return torch.ops.fusedgpt.layer_norm(x, weight, bias, eps)
