@@ -240,8 +240,22 @@ def cuda_extension_or_reason(environ=os.environ):
     return [extension], {"build_ext": BuildExtension}
 
 
+OLDEST_SETUPTOOLS = 77  # pyproject.toml's SPDX `license` and `license-files`; bdist_wheel built in
+
+
+def check_setuptools(version: str) -> None:
+    """An older setuptools fails later, on pyproject.toml's license field, with a page of schema text."""
+    major = re.match(r"\d+", version)
+    if major is None or int(major.group()) < OLDEST_SETUPTOOLS:
+        raise SetupError(f"setuptools {version} is too old to build fusedgpt (needs >= {OLDEST_SETUPTOOLS}); "
+                         f"pip install 'setuptools>={OLDEST_SETUPTOOLS}' and run the install again")
+
+
 if __name__ == "__main__":
+    import setuptools
     from setuptools import setup
+
+    check_setuptools(setuptools.__version__)
 
     ext_modules, cmdclass_or_reason = cuda_extension_or_reason()
     if ext_modules is None:

@@ -237,3 +237,11 @@ def test_failed_build_says_what_failed_and_how_to_skip(monkeypatch, capsys):
     assert err[0].startswith("fusedgpt setup: the CUDA extension fusedgpt._C failed to build for 9.0 with ")
     assert err[0].endswith("bin/nvcc: Error compiling objects for extension")
     assert "FAILED:" in err[1] and "FUSEDGPT_SKIP_CUDA_BUILD=1 pip install" in err[2]
+
+
+def test_old_setuptools_is_a_one_line_error():
+    with pytest.raises(SystemExit, match=r"setuptools 65\.5\.0 is too old to build fusedgpt \(needs >= 77\); "
+                                         r"pip install 'setuptools>=77'"):
+        setup.check_setuptools("65.5.0")
+    setup.check_setuptools("77.0.1")
+    setup.check_setuptools("84.2.1")

@@ -31,7 +31,7 @@ ALL_TYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def emulated():
-    return simt_emulator.ops()  # compiled once per checkout (cached under build/simt)
+    return simt_emulator.ops()  # compiled once per checkout and torch version (cached under build/simt)
 
 
 # ---- the emulator itself ---------------------------------------------------------------------------
@@ -287,3 +287,18 @@ def test_strided_and_expanded_small_tensors(emulated):
     q = torch.randn(batch, 8, heads, dim, dtype=torch.float16)
     assert torch.equal(emulated.attention(q, q, q, True, None, 0.125, kv_start),
                        emulated.attention(q, q, q, True, None, 0.125, kv_start.contiguous()))
+
+
+def test_a_lock_left_by_an_interrupted_build_is_removed(tmp_path, capsys):
+    """torch's extension builder would wait forever for it; a recent lock (a build running) is left alone."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    simt_emulator._remove_stale_lock(lock)
+    assert lock.exists()
+    old = time.time() - simt_emulator.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    simt_emulator._remove_stale_lock(lock)
+    assert not lock.exists() and "left 16 minutes ago by an interrupted build" in capsys.readouterr().out

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> 
     from torch.utils.cpp_extension import load
 
     name = "simt-asan" if sanitized() else "simt"
-    build_dir = Path(build_dir or os.environ.get("FUSEDGPT_SIMT_BUILD", HERE.parent.parent / "build" / name))
+    # One build folder per torch version: two environments on one checkout (CI's second torch) keep theirs.
+    default_dir = HERE.parent.parent / "build" / name / f"torch-{torch.__version__.split('+')[0]}"
+    build_dir = Path(build_dir or os.environ.get("FUSEDGPT_SIMT_BUILD", default_dir))
     sources_dir = build_dir / "src"
     sources = []
     for path in sorted(CSRC.rglob("*")):
@@ -76,6 +79,7 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> 
             sources.append(str(target))
     sources.append(str(HERE / "selftest.cpp"))  # kernels that test the emulator itself
     (build_dir / "obj").mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir / "obj" / "lock")
     # -fno-strict-aliasing: the kernels reinterpret 16-bit element arrays as 32/128-bit words, as CUDA
     # code does; the host compiler's type-based alias analysis would otherwise reorder those accesses.
     flags = ["-O2", "-fno-strict-aliasing", "-include", str(HERE / "simt.h"), "-Wno-unused-function"]
@@ -86,13 +90,28 @@ def build(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> 
          extra_ldflags=sanitizer, verbose=verbose)
 
 
+STALE_LOCK_SECONDS = 900  # a build takes 1-2 minutes on 2 cores
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's extension builder waits, forever, for a lock file that a build interrupted by Ctrl-C or a
+    timeout leaves behind: one far older than any build is removed (with a note) so the next run builds."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"simt_emulator: removing {lock}, left {age / 60:.0f} minutes ago by an interrupted build", flush=True)
+        lock.unlink(missing_ok=True)
+
+
 def ops():
     build()
     return getattr(torch.ops, NAMESPACE)
 
 
 if __name__ == "__main__":
-    shutil.rmtree(HERE.parent.parent / "build" / ("simt-asan" if sanitized() else "simt") / "obj", ignore_errors=True)
+    shutil.rmtree(HERE.parent.parent / "build" / ("simt-asan" if sanitized() else "simt"), ignore_errors=True)
     build(verbose=True)
     print("built:", [name for name in ("layer_norm", "add_layer_norm", "bias_act", "kv_append", "attention",
                                        "decode_attention") if hasattr(ops(), name)])
