@@ -48,6 +48,12 @@ STATUS_LINES=""
 record() { STATUS_LINES="${STATUS_LINES}$(printf '%-28s %s' "$1" "$2")"$'\n'; }
 
 section "install (FUSEDGPT_CUDA_ARCHS=9.0, MAX_JOBS=16)"
+# setup.py needs setuptools >= 77 (pyproject.toml's SPDX license). The GPU machine cannot download one: carry a
+# wheel made here with `pip download "setuptools>=77" --no-deps -d .whl` (run's carry: [".whl"]).
+if ! "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
+  echo "setuptools $("$PYTHON" -c 'import setuptools; print(setuptools.__version__)' 2>&1) is older than 77; installing it from .whl" | tee -a "$LOG"
+  "$PYTHON" -m pip install -q --no-index --find-links .whl "setuptools>=77" 2>&1 | tee -a "$LOG"
+fi
 FUSEDGPT_CUDA_ARCHS=9.0 MAX_JOBS=16 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 BUILD_STATUS=$?
 grep -E "fusedgpt setup:" "$OUT/build.log" | tee -a "$LOG"
