@@ -422,26 +422,26 @@ def _signature(forward) -> inspect.Signature:
     return inspect.signature(forward)
 
 
-def _named_arguments(forward, module, *args, **kwargs) -> tuple[dict, str]:
-    """The arguments of a call to the original `forward`, by name (its **kwargs merged in), and the name that
-    forward gives the cache: transformers renamed `past_key_values` to `cache` (5.2x); a patched forward
-    passes it on under the same name, so it works, without deprecation warnings, on either side."""
+def _named_arguments(forward, module, *args, **kwargs) -> dict:
+    """The arguments of a call to the original `forward`, by the names it gives them (its **kwargs merged
+    in; defaults left out). A patched forward passes them on under those names: transformers renamed
+    `past_key_values` to `cache` (5.2x), and this works, without deprecation warnings, on either side."""
     arguments = dict(_signature(forward).bind(module, *args, **kwargs).arguments)
     arguments.pop("self", None)
     arguments.update(arguments.pop("kwargs", {}))
-    return arguments, "cache" if "cache" in _signature(forward).parameters else "past_key_values"
+    return arguments
 
 
 def _gpt2_block_forward(self, hidden_states, *args, **kwargs):
     """GPT2Block.forward with ln_2 fused with the attention's residual add (cross-attention blocks, and
     blocks whose ln_2 is not fused, run the original)."""
     original = type(self).forward
-    arguments, cache = _named_arguments(original, self, hidden_states, *args, **kwargs)
+    arguments = _named_arguments(original, self, hidden_states, *args, **kwargs)
     if arguments.pop("encoder_hidden_states", None) is not None or not isinstance(self.ln_2, LayerNorm):
         return original(self, hidden_states, *args, **kwargs)
     arguments.pop("encoder_attention_mask", None)
     hidden_states = arguments.pop("hidden_states")
-    attn_output, _ = self.attn(self.ln_1(hidden_states), **{cache: arguments.pop(cache, None)}, **arguments)
+    attn_output, _ = self.attn(self.ln_1(hidden_states), **arguments)
     normed, hidden_states = self.ln_2(attn_output, hidden_states)  # LN(attn + residual), attn + residual
     return hidden_states + self.mlp(normed)
 
@@ -464,7 +464,7 @@ def _opt_layer_forward(activation: str | None):
         """OPTDecoderLayer.forward with the residual adds folded into the norms that follow them (pre-LN:
         the attention's add into final_layer_norm; post-LN, opt-350m: both adds) when the norms are
         fused, and fc1's bias + activation fused when `activation` is given."""
-        arguments, _ = _named_arguments(type(self).forward, self, hidden_states, *args, **kwargs)
+        arguments = _named_arguments(type(self).forward, self, hidden_states, *args, **kwargs)
         hidden_states = arguments.pop("hidden_states")
         arguments.pop("use_cache", None)  # the attention takes the cache itself, not the flag
         fused_norms = isinstance(self.final_layer_norm, LayerNorm)

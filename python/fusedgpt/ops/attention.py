@@ -48,17 +48,27 @@ def visible_keys(q_len: int, kv_len: int, *, causal: bool, window: int | None, k
                  device: torch.device) -> Tensor:
     """The visibility mask of the specification, broadcastable to (B, H, Sq, Sk): query i sits at key
     position p = Sk - Sq + i and sees key j iff j >= kv_start[b], j <= p (causal), j > p - window."""
-    query_pos = torch.arange(q_len, device=device) + (kv_len - q_len)  # (Sq,)
-    key_pos = torch.arange(kv_len, device=device)  # (Sk,)
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)  # (Sq, Sk)
+    query_pos = (torch.arange(q_len, device=device) + (kv_len - q_len))[:, None]  # (Sq, 1)
+    key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, Sk)
+    first_key = kv_start.to(device, torch.int64)[:, None, None, None] if kv_start is not None else None  # (B,1,1,1)
+    visible = visible_positions(query_pos, key_pos, causal=causal, window=window, first_key=first_key)
+    return visible if visible.dim() == 4 else visible[None, None]  # (B or 1, 1, Sq, Sk)
+
+
+def visible_positions(query_pos: Tensor, key_pos: Tensor, *, causal: bool, window: int | None,
+                      first_key: Tensor | None) -> Tensor:
+    """The specification's visibility rule on positions: the key at position j is visible from the query at
+    position p iff j >= first_key (left padding), j <= p (causal) and j > p - window. The arguments
+    broadcast against each other (queries along the second-to-last dim, keys along the last); so does the
+    bool result. Prefill attention (reference and torch backend) and the torch backend's decode use it."""
+    shape = torch.broadcast_shapes(query_pos.shape, key_pos.shape, first_key.shape if first_key is not None else ())
+    visible = torch.ones(shape, dtype=torch.bool, device=key_pos.device)
+    if first_key is not None:
+        visible &= key_pos >= first_key
     if causal:
-        visible &= key_pos[None, :] <= query_pos[:, None]
+        visible &= key_pos <= query_pos
     if window is not None:
-        visible &= key_pos[None, :] > query_pos[:, None] - window
-    visible = visible[None, None]  # (1, 1, Sq, Sk)
-    if kv_start is not None:
-        not_padding = key_pos[None, :] >= kv_start.to(device, torch.int64)[:, None]  # (B, Sk)
-        visible = visible & not_padding[:, None, None, :]  # (B, 1, Sq, Sk)
+        visible &= key_pos > query_pos - window
     return visible
 
 
@@ -164,11 +174,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     kv_start = kv_start.to(q.device) if kv_start is not None else None  # a CPU one is copied over
     unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
                                           cuda_dtypes=(torch.float16, torch.bfloat16))
-    chosen = "torch" if needs_autograd(q, k, v) else choose_backend("attention", q.device, backend,
-                                                                      unsupported=unsupported,
-                                                                      size=q.numel() + k.numel())
+    autograd = needs_autograd(q, k, v)
+    chosen = "torch" if autograd else choose_backend("attention", q.device, backend, unsupported=unsupported,
+                                                     size=q.numel() + k.numel())
     if chosen == "torch":
-        if needs_autograd(q, k, v):
+        if autograd:
             return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
         return _attention_torch(q, k, v, causal, window, scale, kv_start)
     if chosen == "cuda":

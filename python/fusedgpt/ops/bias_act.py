@@ -78,10 +78,11 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
     check_vector(op, "bias", bias, x.shape[-1], "x", x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedgpt.ops.bias_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    chosen = "torch" if needs_autograd(x, bias) else choose_backend(op, x.device, backend,
-                                                                      unsupported=kernel_limits(x), size=x.numel())
+    autograd = needs_autograd(x, bias)
+    chosen = "torch" if autograd else choose_backend(op, x.device, backend, unsupported=kernel_limits(x),
+                                                     size=x.numel())
     if chosen == "torch":
-        return bias_act_reference(x, bias, activation) if needs_autograd(x, bias) else _bias_act_torch(x, bias, activation)
+        return (bias_act_reference if autograd else _bias_act_torch)(x, bias, activation)
     if chosen == "cuda":
         return torch.ops.fusedgpt.bias_act(x, bias, activation)
     return _bias_act_triton(x, bias, activation)

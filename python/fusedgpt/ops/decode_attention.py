@@ -21,7 +21,7 @@ from fusedgpt._extension import extension_available
 from fusedgpt.ops._backend import choose_backend
 from fusedgpt.ops._checks import (check_cache_writes, check_head_tensors, check_int32_per_sequence, check_like,
                                   check_same_heads, check_window_and_scale, needs_autograd)
-from fusedgpt.ops.attention import attention_kernel_limits, attention_reference
+from fusedgpt.ops.attention import attention_kernel_limits, attention_reference, visible_positions
 from fusedgpt.ops.kv_append import kv_append_reference
 from fusedgpt.triton_kernels.attention import default_scale
 from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
@@ -104,12 +104,9 @@ def _decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_l
         filled = torch.cat([filled, filled.new_ones(batch, tokens)], dim=1)
         keys, values = torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1)
     query_pos = (cached[:, None] + (tokens if k is not None else 0) - tokens + steps)[:, :, None]  # (B, T, 1)
-    keys_pos = key_pos[:, None, :]  # (B, 1, K)
-    mask = filled[:, None, :] & (keys_pos <= query_pos)  # (B, T, K)
-    if window is not None:
-        mask &= keys_pos > query_pos - window
-    if kv_start is not None:
-        mask &= keys_pos >= kv_start.to(device=device, dtype=torch.int64)[:, None, None]
+    first_key = kv_start.to(device=device, dtype=torch.int64)[:, None, None] if kv_start is not None else None
+    mask = filled[:, None, :] & visible_positions(query_pos, key_pos[:, None, :], causal=True, window=window,
+                                                  first_key=first_key)  # (B, T, K)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask[:, None], scale=scale)  # (B, H, T, D)
     out = torch.where(mask.any(dim=-1)[:, None, :, None], out, 0.0)  # no visible key: zeros
@@ -189,11 +186,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     kv_start = kv_start.to(q.device) if kv_start is not None else None
     unsupported = attention_kernel_limits(q, (q, k_cache, v_cache, k, v), cuda_op_built=_CUDA_OP_BUILT,
                                           cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    chosen = "torch" if needs_autograd(q, k, v) else choose_backend("decode_attention", q.device, backend,
-                                                                      unsupported=unsupported,
-                                                                      size=k_cache.numel())
+    autograd = needs_autograd(q, k, v)
+    chosen = "torch" if autograd else choose_backend("decode_attention", q.device, backend, unsupported=unsupported,
+                                                     size=k_cache.numel())
     if chosen == "torch":
-        if needs_autograd(q, k, v):
+        if autograd:
             return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
                                               kv_start=kv_start)
         return _decode_attention_torch(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)

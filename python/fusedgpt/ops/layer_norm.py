@@ -113,13 +113,12 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend). Calls that need autograd take "torch".
     """
     _check(x, weight, bias, eps, residual)
-    chosen = "torch" if needs_autograd(x, weight, bias, residual) else choose_backend(
+    autograd = needs_autograd(x, weight, bias, residual)
+    chosen = "torch" if autograd else choose_backend(
         "layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel())
     eps = float(eps)
     if chosen == "torch":
-        if needs_autograd(x, weight, bias, residual):
-            return layer_norm_reference(x, weight, bias, eps, residual)
-        return _layer_norm_torch(x, weight, bias, eps, residual)
+        return (layer_norm_reference if autograd else _layer_norm_torch)(x, weight, bias, eps, residual)
     if chosen == "cuda":
         if residual is None:
             return torch.ops.fusedgpt.layer_norm(x, weight, bias, eps)
