@@ -26,6 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # compute_90 PTX that newer GPUs compile when the library loads. About 2 minutes on 2 cores.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 OLDEST_ARCH = 80  # mma.sync.m16n8k16 on bf16
+# Listed explicitly (CONVENTIONS.md); tests/test_setup.py checks that every package folder is here.
+PACKAGES = ["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.patching",
+            "fusedgpt.triton_kernels", "fusedgpt.data"]
 SKIP_VARIABLE = "FUSEDGPT_SKIP_CUDA_BUILD"
 HOW_TO_SKIP = (f"to install without the CUDA extension (Triton and PyTorch backends only), set "
                f"{SKIP_VARIABLE}=1")
@@ -266,8 +269,7 @@ if __name__ == "__main__":
         cmdclass = cmdclass_or_reason
 
     setup(
-        packages=["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.triton_kernels",
-                  "fusedgpt.data"],
+        packages=PACKAGES,
         package_dir={"fusedgpt": "python/fusedgpt", "fusedgpt.triton_kernels": "triton_kernels"},
         # The embedded model that `fusedgpt generate` uses by default (scripts/train_tiny.py makes it).
         package_data={"fusedgpt.data": ["tiny-sotu/*.json", "tiny-sotu/*.safetensors"]},

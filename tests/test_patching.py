@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -269,7 +270,7 @@ def test_fused_ops_run_without_fallback(family, monkeypatch):
     """The logits tests would pass if every call fell back to transformers' code: count the fused ops
     a patched forward and a static-cache generate actually call, and see that nothing warned."""
     use_backend(monkeypatch, "torch")
-    monkeypatch.setattr(patching, "_warned", set())
+    monkeypatch.setattr(patching.attention, "_warned", set())
     calls = {"attention": 0, "decode_attention": 0, "bias_act": 0, "layer_norm": 0}
 
     def counting(name, function):
@@ -278,8 +279,9 @@ def test_fused_ops_run_without_fallback(family, monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    for name in ("attention", "decode_attention", "bias_act"):
-        monkeypatch.setattr(patching, name, counting(name, getattr(patching, name)))
+    for module, name in ((patching.attention, "attention"), (patching.attention, "decode_attention"),
+                         (patching.layers, "bias_act")):  # where patching looks the ops up
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     import fusedgpt.nn.layer_norm as layer_norm_module
     monkeypatch.setattr(layer_norm_module, "layer_norm", counting("layer_norm", layer_norm_module.layer_norm))
     model = fusedgpt.patch(build(family))
@@ -295,7 +297,7 @@ def test_fused_ops_run_without_fallback(family, monkeypatch):
     long_ids, long_mask = left_padded([20, 17])
     greedy(model, long_ids, long_mask, 2, cache_implementation="static")
     assert calls["attention"] == 2 * layers and calls["decode_attention"] == 4 * layers  # a 20-token prompt
-    assert not patching._warned
+    assert not patching.attention._warned
 
 
 @torch.no_grad()
@@ -426,7 +428,7 @@ def test_unsupported_model_is_a_clear_error():
 @torch.no_grad()
 def test_output_attentions_falls_back_with_one_warning(family, monkeypatch):
     use_backend(monkeypatch, "torch")
-    monkeypatch.setattr(patching, "_warned", set())
+    monkeypatch.setattr(patching.attention, "_warned", set())
     model = build(family)
     ids, mask = left_padded([9, 6])
     expected = model(ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True)
@@ -448,7 +450,7 @@ def test_head_mask_falls_back(family, monkeypatch):
     """transformers 5.x dropped head_mask from these models; one passed anyway reaches GPT-2's and OPT's
     attention as a keyword, which falls back (and eager ignores it, as unpatched transformers does)."""
     use_backend(monkeypatch, "torch")
-    monkeypatch.setattr(patching, "_warned", set())
+    monkeypatch.setattr(patching.attention, "_warned", set())
     model = build(family)
     ids = torch.randint(1, VOCAB, (1, 7))
     head_mask = torch.ones(model.config.num_hidden_layers, 4)
@@ -463,7 +465,7 @@ def test_head_mask_falls_back(family, monkeypatch):
 @torch.no_grad()
 def test_right_padding_falls_back(family, monkeypatch):
     use_backend(monkeypatch, "torch")
-    monkeypatch.setattr(patching, "_warned", set())
+    monkeypatch.setattr(patching.attention, "_warned", set())
     model = build(family)
     ids, mask = torch.randint(1, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.int64)
     mask[1, 5:] = 0
@@ -497,6 +499,11 @@ def test_attn_implementation_fusedgpt(family, monkeypatch):
     torch.testing.assert_close(logits(eager, ids, mask)[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
+def run_in_a_fresh_interpreter(script: str) -> None:
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_registers_without_importing_transformers():
     """A fresh interpreter: `import fusedgpt` leaves transformers.modeling_utils unimported, and importing
     it afterwards registers "fusedgpt" in both interfaces."""
@@ -508,8 +515,21 @@ def test_import_registers_without_importing_transformers():
         "assert ALL_ATTENTION_FUNCTIONS['fusedgpt'] is fusedgpt.patching.fusedgpt_attention\n"
         "assert ALL_MASK_ATTENTION_FUNCTIONS['fusedgpt'] is fusedgpt.patching.fusedgpt_mask\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_in_a_fresh_interpreter(script)
+
+
+def test_import_registers_gpt_neo_when_its_file_comes_first():
+    """A fresh interpreter where GPT-Neo's modeling file is the one that imports transformers.modeling_utils
+    (it is not complete when the interfaces are registered): attn_implementation="fusedgpt" still builds a
+    GPT-Neo model on the fused attention class."""
+    run_in_a_fresh_interpreter(textwrap.dedent("""
+        import fusedgpt
+        from transformers import GPTNeoConfig, GPTNeoForCausalLM
+        config = GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, window_size=8, vocab_size=100,
+                              attention_types=[[["global", "local"], 1]], attn_implementation="fusedgpt")
+        attention = GPTNeoForCausalLM(config).transformer.h[1].attn.attention
+        assert type(attention).__name__ == "FusedGPTNeoSelfAttention", type(attention)
+    """))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -245,3 +245,14 @@ def test_old_setuptools_is_a_one_line_error():
         setup.check_setuptools("65.5.0")
     setup.check_setuptools("77.0.1")
     setup.check_setuptools("84.2.1")
+
+
+def test_every_package_folder_is_installed():
+    """A package folder missing from setup.py's explicit list is left out of `pip install .` (an editable
+    install and the tests would not notice): every folder with an __init__.py must be listed."""
+    package_root = ROOT / "python" / "fusedgpt"
+    found = {".".join(("fusedgpt",) + path.parent.relative_to(package_root).parts)
+             for path in package_root.rglob("__init__.py")}
+    found.add("fusedgpt.triton_kernels")  # triton_kernels/, mapped into the package by package_dir
+    assert "fusedgpt.patching" in found
+    assert found <= set(setup.PACKAGES), sorted(found - set(setup.PACKAGES))
