@@ -57,7 +57,6 @@ from fusedgpt.ops import attention, attention_reference  # noqa: E402
 FAMILY = "attention"
 SDPA_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton") + SDPA_PROVIDERS + ("flex-attention", "flash-attn")
-SPEEDUP_PEERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex-attention", "flash-attn")
 TOKENS_PER_BATCH = 16384
 CAUSAL_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 CAUSAL_HEAD_SHAPES = ((12, 64), (32, 80), (16, 128))  # (heads, head_dim)
@@ -184,9 +183,7 @@ def reference_slices(q, k, v, batches: list[int], causal_window: int | None, sca
     return first, last
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
-             graph_calls: int) -> list[dict]:
-    """graph_calls is unused: no CUDA-graph latency for prefill."""
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
     batch, seq_len, heads, head_dim = case["batch"], case["seq_len"], case["heads"], case["head_dim"]
     window, scale = case["window"], case["scale"]
     label = case_label(case)
@@ -231,8 +228,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
         flops = attention_flops(batch, heads, head_dim, seq_len, computed_window)
         rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                   bytes_moved=0, flops=flops, step=step, with_graph=False, graph_calls=0,
-                                   verify=verify))
+                                   bytes_moved=0, flops=flops, step=step, with_graph=False, verify=verify))
         del function, step, verify
     del q, k, v, layouts, expected
     torch.cuda.empty_cache()
@@ -244,11 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_cases_option(parser, "B4 S4096 H16 D128 w256 s1")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
     common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
-                         announce_unavailable=True, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS, plot_key="tflops",
-                         plot_label="TFLOP/s", plot_log_scale=False)
+                         columns=COLUMNS, plot_key="tflops", plot_label="TFLOP/s", plot_log_scale=False)
     return 0
 
 

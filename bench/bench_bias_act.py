@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import timing  # noqa: E402
 from fusedgpt.ops import bias_act, bias_act_reference  # noqa: E402
 
 FAMILY = "bias_act"
@@ -83,8 +84,7 @@ def describe_case(case: dict) -> str:
     return f"{case['activation']} tokens={case['tokens']} width={case['hidden']}"
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
-             graph_calls: int) -> list[dict]:
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
     activation, tokens, width = case["activation"], case["tokens"], case["hidden"]
     label = f"{activation} {tokens}x{width}"
     fields = {"tokens": tokens, "hidden": width, "activation": activation}
@@ -92,8 +92,8 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     bias = torch.randn(width, dtype=dtype, device=DEVICE)
     expected = bias_act_reference(x, bias, activation)
 
-    copies = common.rotation_copy_count(x.numel() * x.element_size())
-    input_sets = common.rotated_copies([x], copies)  # [(x_i,)]
+    copies = timing.rotation_copy_count(x.numel() * x.element_size())
+    input_sets = timing.rotated_copies([x], copies)  # [(x_i,)]
     del x
 
     with_graph = tokens <= SMALL_TOKENS
@@ -102,7 +102,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     for provider, function, fields in common.providers_to_time(
             rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
             fields=fields, make_function=lambda provider: provider_function(provider, activation),
-            with_graph=with_graph, graph_calls=graph_calls):
+            with_graph=with_graph):
 
         def step(index: int, function=function):
             return function(input_sets[index % len(input_sets)][0], bias)
@@ -112,7 +112,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
         rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
                                    bytes_moved=effective_bytes(tokens, width, element_size), step=step,
-                                   with_graph=with_graph, graph_calls=graph_calls, verify=verify))
+                                   with_graph=with_graph, verify=verify))
     del input_sets
     torch.cuda.empty_cache()
     return rows
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"shape, the others at {PREFILL_TOKENS} tokens only)")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     activations = common.parse_choices(args.activations, ACTIVATIONS, "--activations")
     common.run_benchmark(FAMILY, args, dtypes, providers,
                          benchmark_cases(args.quick, activations, args.all_activation_shapes), describe_case, run_case)

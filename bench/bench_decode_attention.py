@@ -32,8 +32,9 @@ Bytes (elt = bytes per element, BHD = B * H * D, T = 1):
   plus q read and out written (2 * T * BHD * elt); with the append the new k, v read AND written into
   the caches (4 * T * BHD * elt); plus cache_lens (4 * B) for fusedgpt and flash-attn.
 GB/s = bytes / do_bench median time (L2 cleared before each call; caches rotated where small, so CUDA-graph
-replay does not run from L2 either). For B = 1, us_graph = latency per call when 100 calls are captured
-in one CUDA graph and replayed (common.graph_us_per_call). ratio_vs_sdpa = sdpa time / this time.
+replay does not run from L2 either). For B = 1, us_graph = latency per call when calls are captured back
+to back in one CUDA graph and replayed (timing.graph_us: triton.testing.do_bench_cudagraph, median).
+ratio_vs_sdpa = sdpa time / this time.
 
 Check (before timing): every provider's output against fusedgpt.ops.decode_attention_reference (with or
 without the appended token, as the provider computes), and for the appending providers the new k in the
@@ -55,13 +56,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import timing  # noqa: E402
 from fusedgpt.ops import decode_attention, decode_attention_reference  # noqa: E402
 
 FAMILY = "decode_attention"
 NOAPPEND = "fusedgpt-triton-noappend"
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", NOAPPEND, "sdpa", "flash-attn", common.EMPTY_KERNEL_PROVIDER)
 APPENDING = ("fusedgpt-cuda", "fusedgpt-triton", "flash-attn")
-SPEEDUP_PEERS = ("sdpa", "flash-attn")
 HEAD_SHAPES = ((12, 64), (32, 64), (16, 128), (32, 128))  # (heads, head_dim)
 BATCH_CACHE_LENS = ((1, 1024), (1, 8192), (1, 32768), (16, 2048), (64, 2048))  # (batch, cache length)
 WINDOW = 256
@@ -150,8 +151,7 @@ def probe_cuda() -> None:
     decode_attention(q, cache, cache.clone(), lengths, k=q, v=q, backend="cuda")
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
-             graph_calls: int) -> list[dict]:
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
     batch, cache_len, heads, head_dim, window = (case["batch"], case["cache_len"], case["heads"], case["head_dim"],
                                                  case["window"])
     max_len = cache_len + CACHE_SLACK
@@ -182,14 +182,14 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
         sdpa_values = v_cache[:, cache_len - sdpa_len:cache_len].transpose(1, 2).contiguous()  # (B, H, L', D)
         q_bhsd = q.transpose(1, 2).contiguous()  # (B, H, T, D)
         read_bytes = 2 * sdpa_keys.numel() * element_size
-        copies = max(1, min(common.rotation_copy_count(read_bytes), CACHE_ROTATION_BUDGET_BYTES // read_bytes))
-        sdpa_sets = common.rotated_copies([q_bhsd, sdpa_keys, sdpa_values], copies)  # [(q_i, keys_i, values_i)]
+        copies = max(1, min(timing.rotation_copy_count(read_bytes), CACHE_ROTATION_BUDGET_BYTES // read_bytes))
+        sdpa_sets = timing.rotated_copies([q_bhsd, sdpa_keys, sdpa_values], copies)  # [(q_i, keys_i, values_i)]
         del sdpa_keys, sdpa_values, q_bhsd
 
     cache_bytes = 2 * k_cache.numel() * element_size
     read_bytes = 2 * batch * heads * head_dim * keys_read(cache_len, window, appending=False) * element_size
-    copies = max(1, min(common.rotation_copy_count(read_bytes), CACHE_ROTATION_BUDGET_BYTES // cache_bytes))
-    cache_sets = common.rotated_copies([q, k, v, k_cache, v_cache], copies)  # [(q_i, k_i, v_i, k_cache_i, ...)]
+    copies = max(1, min(timing.rotation_copy_count(read_bytes), CACHE_ROTATION_BUDGET_BYTES // cache_bytes))
+    cache_sets = timing.rotated_copies([q, k, v, k_cache, v_cache], copies)  # [(q_i, k_i, v_i, k_cache_i, ...)]
     del k_cache, v_cache
 
     with_graph = batch == 1
@@ -197,7 +197,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     for provider, function, fields in common.providers_to_time(
             rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
             fields=fields, make_function=lambda provider: provider_function(provider, window),
-            with_graph=with_graph, graph_calls=graph_calls):
+            with_graph=with_graph):
         appending = provider in APPENDING
 
         if provider == "sdpa":
@@ -223,8 +223,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
         bytes_moved = decode_bytes(batch, heads, head_dim, cache_len, window, element_size, appending=appending,
                                    with_lengths=provider != "sdpa")
         row = common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                             bytes_moved=bytes_moved, step=step, with_graph=with_graph, graph_calls=graph_calls,
-                             verify=verify)
+                             bytes_moved=bytes_moved, step=step, with_graph=with_graph, verify=verify)
         if row.get("ms"):
             row["us"] = row["ms"] * 1000.0
         rows.append(row)
@@ -239,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_cases_option(parser, "B1 L8192 H32 D128 w256")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
     common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
-                         announce_unavailable=True, speedup_peers=SPEEDUP_PEERS, columns=COLUMNS)
+                         columns=COLUMNS)
     return 0
 
 

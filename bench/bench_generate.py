@@ -52,7 +52,7 @@ is N - 1 steps of B tokens):
                       mean fraction of each row's new tokens before its first difference. Shown for the
                       other transformers providers too, as the fp16 noise floor.
 Results: bench/results/<device>.csv (family "generate"; `ms` = ms per decode step) and
-<device>_generate.png (decode tokens/s, log scale, with the bandwidth bound as a bar).
+<device>_generate.png (decode tokens/s, log scale, with the bandwidth bound as a line of its own).
 
 Run time on an H100: about 2-3 minutes per model for all four providers and both cases (transformers
 eager at batch 1 is ~100 tokens/s; each torch.compile takes tens of seconds). One GPU command gets 10
@@ -66,9 +66,7 @@ minutes, so split a full run, e.g.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import gc
 import os
 import re
@@ -82,11 +80,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import results  # noqa: E402
+import timing  # noqa: E402
+from models import MODEL_CONFIGS  # noqa: E402
 
 FAMILY = "generate"
 PROVIDERS = ("fusedgpt", "hf-eager", "hf-sdpa", "hf-static-compiled")
 HF_PROVIDERS = ("hf-eager", "hf-sdpa", "hf-static-compiled")
-BOUND_PROVIDER = "bandwidth-bound"  # plot only: the bound drawn as a bar next to the providers
+BOUND_PROVIDER = "bandwidth-bound"  # plot only: the bound drawn as a line next to the providers
 DEVICE = "cuda"
 DEFAULT_REPEATS = 3
 COPY_BYTES = 2**30  # one 1 GiB buffer copied into another: far beyond L2, long enough to time well
@@ -145,7 +146,7 @@ def measure_copy_bandwidth() -> float:
     elements = COPY_BYTES // 2
     source = torch.ones(elements, dtype=torch.float16, device=DEVICE)
     target = torch.empty_like(source)
-    milliseconds = common.time_ms(lambda: target.copy_(source))
+    milliseconds = timing.time_ms(lambda: target.copy_(source))
     del source, target
     free_memory()
     return 2 * COPY_BYTES / (milliseconds * 1e-3) / 1e9
@@ -290,8 +291,8 @@ def add_agreement(rows: list[dict], outputs: dict) -> None:
 
 def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_<hf provider> = tokens/s / that provider's, per (case, dtype); plus the faster of eager/sdpa."""
-    common.add_speedups(rows, peers=HF_PROVIDERS)  # peer ms / row ms, ms = per decode step: a tokens/s ratio
-    for providers in common.rows_by_case(rows).values():
+    results.add_speedups(rows, peers=HF_PROVIDERS)  # peer ms / row ms, ms = per decode step: a tokens/s ratio
+    for providers in results.rows_by_case(rows).values():
         dynamic = [providers[name]["tokens_per_s"] for name in ("hf-eager", "hf-sdpa")
                    if name in providers and providers[name].get("tokens_per_s")]
         if not dynamic:
@@ -305,7 +306,7 @@ def run_model(model_name: str, dtype: torch.dtype, cases, providers: list[str], 
               copy_gbps: float | None) -> list[dict]:
     import fusedgpt
 
-    hf_config = common.MODEL_CONFIGS[model_name]()
+    hf_config = MODEL_CONFIGS[model_name]()
     gpt_config = fusedgpt.models.convert_config(hf_config)
     element_size = torch.finfo(dtype).bits // 8
     torch.manual_seed(SEED)
@@ -408,54 +409,28 @@ SUMMARY_COLUMNS = [("case", "case", 0), ("dtype", "dtype", 0), ("fusedgpt tok/s"
                    ("agree_prefix", "agreement_prefix_vs_hf_eager", 3), ("error", "error", 0)]
 
 
-def _number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def plot_rows(rows: list[dict], csv_path: Path, merge: bool) -> list[dict]:
-    """The rows to plot (this run's, or with --merge every generate row now in the CSV), tokens_per_s as
-    floats, plus one BOUND_PROVIDER row per case carrying the bandwidth bound."""
-    if merge:
-        with open(csv_path, newline="") as handle:
-            rows = [dict(row) for row in csv.DictReader(handle) if row.get("family") == FAMILY]
-    plotted, bounds = [], {}
+def plot_rows(csv_path: Path) -> list[dict]:
+    """The generate rows of the results CSV (with --merge, earlier calls' too), plus one BOUND_PROVIDER row
+    per (case, dtype) carrying the bandwidth bound as its tokens_per_s."""
+    rows = results.read_family_rows(csv_path, FAMILY)
+    bounds = {}
     for row in rows:
-        tokens = _number(row.get("tokens_per_s"))
-        if tokens:
-            plotted.append({**row, "tokens_per_s": tokens})
-        bound = _number(row.get("bound_tokens_per_s"))
-        if bound and row.get("case"):
+        bound = results.number(row.get("bound_tokens_per_s"))
+        if bound:
             bounds.setdefault((row["case"], row["dtype"]), bound)
-    order = list(dict.fromkeys((row["case"], row["dtype"]) for row in plotted))
-    plotted += [{"case": case, "dtype": dtype, "provider": BOUND_PROVIDER, "tokens_per_s": bounds[(case, dtype)]}
-                for case, dtype in order if (case, dtype) in bounds]
-    return plotted
+    return rows + [{"case": case, "dtype": dtype, "provider": BOUND_PROVIDER, "tokens_per_s": bound}
+                   for (case, dtype), bound in bounds.items()]
 
 
 def finish(rows: list[dict], args) -> None:
     add_ratios(rows)
-    print()
-    common.print_table(rows, TABLE_COLUMNS)
+    common.finish(rows, FAMILY, args, columns=TABLE_COLUMNS, plot_key="tokens_per_s", plot_label="decode tokens/s",
+                  plot_rows=plot_rows)
     fused = [row for row in rows if row["provider"] == "fusedgpt"]
     if fused:
         print("\nfusedgpt against transformers (decode tokens/s ratios, > 1 = fusedgpt faster; agree = top-1 "
               "agreement with hf-eager's greedy tokens):")
         common.print_table(fused, SUMMARY_COLUMNS)
-    path = common.write_results_csv(rows, FAMILY, args.out_dir, merge=args.merge)
-    print(f"\nwrote {path}")
-    if args.no_plot:
-        return
-    try:
-        plot = common.plot_metric(plot_rows(rows, path, args.merge), FAMILY, args.out_dir, key="tokens_per_s",
-                                  label="decode tokens/s", log_scale=True)
-    except Exception as error:  # a broken plot must not lose the CSV
-        print(f"NOTE: plot failed: {common.short_error(error)}")
-        plot = None
-    if plot is not None:
-        print(f"wrote {plot}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,24 +439,18 @@ def finish(rows: list[dict], args) -> None:
 
 def parse_models(text: str | None, quick: bool) -> list[str]:
     if text is None:
-        return list(QUICK_MODELS if quick else common.MODEL_CONFIGS)
+        return list(QUICK_MODELS if quick else MODEL_CONFIGS)
     wanted = [part.strip().lower() for part in text.split(",") if part.strip()]
-    unknown = [name for name in wanted if name not in common.MODEL_CONFIGS]
+    unknown = [name for name in wanted if name not in MODEL_CONFIGS]
     if unknown or not wanted:
-        raise SystemExit(f"--models: unknown {unknown or text!r}; this script has {list(common.MODEL_CONFIGS)}")
+        raise SystemExit(f"--models: unknown {unknown or text!r}; this script has {list(MODEL_CONFIGS)}")
     return list(dict.fromkeys(wanted))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.argument_parser(__doc__)
-    parser.set_defaults(dtypes="fp16")
-    for action in parser._actions:  # the shared flags' help, adjusted to this script
-        if "--dtypes" in action.option_strings:
-            action.help = "comma-separated dtypes among fp16, bf16 (default: fp16)"
-        if "--graph-calls" in action.option_strings:
-            action.help = argparse.SUPPRESS  # no CUDA-graph latency here: whole generate calls are timed
+    parser = common.argument_parser(__doc__, dtypes="fp16")
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated models among {', '.join(common.MODEL_CONFIGS)} (default: all; "
+                        help=f"comma-separated models among {', '.join(MODEL_CONFIGS)} (default: all; "
                              f"--quick: {', '.join(QUICK_MODELS)})")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                         help=f"timed calls per provider and case, after one warm-up; the median is reported "
@@ -491,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     models = parse_models(args.models, args.quick)
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:  # fail early when the pattern selects nothing

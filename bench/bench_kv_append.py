@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import results  # noqa: E402
+import timing  # noqa: E402
 from fusedgpt.ops import kv_append  # noqa: E402
 
 FAMILY = "kv_append"
@@ -91,8 +93,7 @@ def describe_case(case: dict) -> str:
     return f"B={case['batch']} T={case['new_tokens']} H={case['heads']} D={case['head_dim']}"
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
-             graph_calls: int) -> list[dict]:
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
     batch, tokens, heads, head_dim = case["batch"], case["new_tokens"], case["heads"], case["head_dim"]
     label = f"B{batch} T{tokens} H{heads} D{head_dim}"
     fields = {"batch": batch, "new_tokens": tokens, "heads": heads, "head_dim": head_dim, "max_len": MAX_LEN,
@@ -103,18 +104,18 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     cache_template = torch.zeros(batch, MAX_LEN, heads, head_dim, dtype=dtype, device=DEVICE)  # (B, S_max, H, D)
 
     new_bytes = k.numel() * k.element_size()  # one of k, v
-    input_copies = common.rotation_copy_count(2 * new_bytes)
+    input_copies = timing.rotation_copy_count(2 * new_bytes)
     cache_bytes = cache_template.numel() * cache_template.element_size()
     cache_copies = max(1, min(input_copies, CACHE_ROTATION_BUDGET_BYTES // (2 * cache_bytes)))
-    input_sets = common.rotated_copies([k, v], input_copies)  # [(k_i, v_i)]
-    cache_sets = common.rotated_copies([cache_template, cache_template], cache_copies)  # [(k_cache_j, v_cache_j)]
+    input_sets = timing.rotated_copies([k, v], input_copies)  # [(k_i, v_i)]
+    cache_sets = timing.rotated_copies([cache_template, cache_template], cache_copies)  # [(k_cache_j, v_cache_j)]
     del cache_template
 
     all_bytes = 4 * new_bytes + positions.numel() * positions.element_size()
     rows = []
     for provider, function, fields in common.providers_to_time(
             rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
-            fields=fields, make_function=provider_function, with_graph=True, graph_calls=graph_calls):
+            fields=fields, make_function=provider_function, with_graph=True):
 
         def step(index: int, function=function) -> None:
             k_cache, v_cache = cache_sets[index % len(cache_sets)]
@@ -137,8 +138,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
         bytes_moved = all_bytes if provider != COPY_K_ONLY else 2 * new_bytes
         rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
-                                   bytes_moved=bytes_moved, step=step, with_graph=True, graph_calls=graph_calls,
-                                   verify=verify))
+                                   bytes_moved=bytes_moved, step=step, with_graph=True, verify=verify))
     del input_sets, cache_sets
     torch.cuda.empty_cache()
     return rows
@@ -147,7 +147,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 def print_bar(rows: list[dict]) -> None:
     """The issue's bar, per case: best fusedgpt kv_append (K and V) vs the slice copy of K alone."""
     lines = []
-    for (_, case, dtype), providers in common.rows_by_case(rows).items():
+    for (_, case, dtype), providers in results.rows_by_case(rows).items():
         line = {"case": case, "dtype": dtype}
         reference = providers.get(COPY_K_ONLY, {})
         for time_key, label in (("ms", "do_bench"), ("us_graph", "graph")):
@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     rows = common.run_benchmark(FAMILY, args, dtypes, providers, benchmark_cases(args.quick), describe_case,
-                                run_case, speedup_peers=("torch-compile", "torch-eager", COPY_K_ONLY))
+                                run_case)
     print_bar(rows)
     return 0
 

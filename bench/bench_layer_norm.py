@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import timing  # noqa: E402
 from fusedgpt.ops import layer_norm, layer_norm_reference  # noqa: E402
 
 FAMILY = "layer_norm"
@@ -78,8 +79,7 @@ def describe_case(case: dict) -> str:
     return f"tokens={case['tokens']} hidden={case['hidden']} residual={case['residual']}"
 
 
-def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str],
-             graph_calls: int) -> list[dict]:
+def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: dict[str, str]) -> list[dict]:
     tokens, hidden, has_residual = case["tokens"], case["hidden"], case["residual"]
     label = f"{tokens}x{hidden} {'res' if has_residual else 'nores'}"
     fields = {"tokens": tokens, "hidden": hidden, "residual": int(has_residual)}
@@ -91,8 +91,8 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     expected = expected if has_residual else (expected,)
 
     activations = [x] + ([residual] if has_residual else [])
-    copies = common.rotation_copy_count(sum(t.numel() * t.element_size() for t in activations))
-    input_sets = common.rotated_copies(activations, copies)  # [(x_i, residual_i)] or [(x_i,)]
+    copies = timing.rotation_copy_count(sum(t.numel() * t.element_size() for t in activations))
+    input_sets = timing.rotated_copies(activations, copies)  # [(x_i, residual_i)] or [(x_i,)]
     del x, residual, activations
 
     def inputs(index: int):
@@ -104,7 +104,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
     rows = []
     for provider, function, fields in common.providers_to_time(
             rows, family=FAMILY, case=label, dtype=dtype, providers=providers, unavailable=unavailable,
-            fields=fields, make_function=provider_function, with_graph=with_graph, graph_calls=graph_calls):
+            fields=fields, make_function=provider_function, with_graph=with_graph):
 
         def step(index: int, function=function):
             x_i, residual_i = inputs(index)
@@ -121,7 +121,7 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
         rows.append(common.measure(family=FAMILY, case=label, provider=provider, dtype=dtype, fields=fields,
                                    bytes_moved=effective_bytes(tokens, hidden, has_residual, element_size),
-                                   step=step, with_graph=with_graph, graph_calls=graph_calls, verify=verify))
+                                   step=step, with_graph=with_graph, verify=verify))
     del input_sets
     torch.cuda.empty_cache()
     return rows
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     common.run_benchmark(FAMILY, args, dtypes, providers, benchmark_cases(args.quick), describe_case, run_case)
     return 0
 

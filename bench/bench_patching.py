@@ -50,6 +50,9 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import fusedgpt  # noqa: E402
+import results  # noqa: E402
+import timing  # noqa: E402
+from models import MODEL_CONFIGS  # noqa: E402
 
 FAMILY = "patching"
 PROVIDERS = ("hf-eager", "hf-sdpa", "fusedgpt-triton", "fusedgpt-cuda")
@@ -59,14 +62,14 @@ GENERATE_BATCH, PROMPT_TOKENS, NEW_TOKENS = 16, 512, 128
 QUICK_NEW_TOKENS = 16
 
 
-MODEL_NAMES = tuple(common.MODEL_CONFIGS)
+MODEL_NAMES = tuple(MODEL_CONFIGS)
 
 
 def build_model(name: str, dtype: torch.dtype):
     """Random weights, initialised on the GPU (transformers' init on the CPU takes minutes at 1.3B)."""
     import transformers
 
-    config = common.MODEL_CONFIGS[name]()
+    config = MODEL_CONFIGS[name]()
     config.bos_token_id = config.eos_token_id = None  # random weights: never stop early
     config.pad_token_id = 0
     with torch.device("cuda"):
@@ -119,7 +122,7 @@ def measure_mode(model, mode: str, inputs: dict, new_tokens: int, repeats: int, 
         out = forward()
         check = common.check_close(out, reference["prefill"]) if "prefill" in reference else None
         reference.setdefault("prefill", out)
-        ms = common.time_ms(forward)
+        ms = timing.time_ms(forward)
         return {"batch": ids.shape[0], "seq_len": ids.shape[1], "tokens": ids.numel(), "ms": ms,
                 "tokens_per_s": ids.numel() / (ms * 1e-3), "check": check}
     ids, mask = inputs["prompt"]
@@ -138,7 +141,7 @@ def measure_mode(model, mode: str, inputs: dict, new_tokens: int, repeats: int, 
 
 def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_hf_eager / _sdpa / _best_hf = baseline ms / this row's ms, per (case, dtype)."""
-    for providers in common.rows_by_case(rows).values():
+    for providers in results.rows_by_case(rows).values():
         baselines = {name: providers[name]["ms"] for name in ("hf-eager", "hf-sdpa")
                      if providers.get(name, {}).get("ms")}
         for row in providers.values():
@@ -156,8 +159,7 @@ COLUMNS = [("case", "case", 0), ("provider", "provider", 0), ("ms", "ms", 2), ("
 
 
 def main() -> None:
-    parser = common.argument_parser(__doc__)
-    parser.set_defaults(dtypes="fp16")
+    parser = common.argument_parser(__doc__, dtypes="fp16")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated, among {', '.join(MODEL_NAMES)} (default: all)")
     parser.add_argument("--modes", default=None, help=f"comma-separated, among {', '.join(MODES)} (default: all)")
@@ -165,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     models = common.parse_choices(args.models, MODEL_NAMES, "--models")
     modes = common.parse_choices(args.modes, MODES, "--modes")
-    providers = common.parse_providers(args.providers, PROVIDERS)
+    providers = common.parse_choices(args.providers, PROVIDERS)
     dtypes = common.parse_dtypes(args.dtypes)
     new_tokens = QUICK_NEW_TOKENS if args.quick else NEW_TOKENS
     if args.quick and args.models is None:
@@ -214,20 +216,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     os.environ.pop("FUSEDGPT_BACKEND", None)
     add_ratios(rows)
-    print()
-    common.print_table(rows, COLUMNS)
-    path = common.write_results_csv(rows, FAMILY, args.out_dir, merge=args.merge)
-    print(f"\nwrote {path}")
-    if not args.no_plot:
-        try:
-            # With --merge the plot shows every row of the family now in the CSV, not only this run's.
-            plot_rows = common._family_rows_from_csv(path, FAMILY, "tokens_per_s") if args.merge else rows
-            plot = common.plot_metric(plot_rows, FAMILY, args.out_dir, key="tokens_per_s", label="tokens/s")
-        except Exception as error:  # a broken plot must not lose the CSV
-            print(f"NOTE: plot failed: {common.short_error(error)}")
-            plot = None
-        if plot is not None:
-            print(f"wrote {plot}")
+    common.finish(rows, FAMILY, args, columns=COLUMNS, plot_key="tokens_per_s", plot_label="tokens/s")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,14 @@
 # The one script run on the GPU machine, from the repository root: build and install fusedgpt (CUDA
 # extension for sm_90), `fusedgpt info`, the GPU tests, compute-sanitizer memcheck and racecheck over
 # every op (bench/sanitize_ops.py), then the op benchmarks (bench/bench_<family>.py). Everything worth
-# keeping lands in $OUT (default ./gpu_out), kept to at most 7 files (8 while a sanitizer run is in
+# keeping lands in $OUT (default ./gpu_out), kept to at most 5 files (6 while a sanitizer run is in
 # flight) because at most 8 come back from the machine:
 #   build.log        pip install output
 #   pytest_gpu.log   pytest -m gpu -q
 #   logs.txt         fusedgpt info, sanitizer reports, benchmark output, the final summary
 #   <device>.csv     bench/results/<device>.csv (every family)
-#   <device>_attention.png          TFLOP/s of bench_attention.py
-#   <device>_decode_attention.png   GB/s of bench_decode_attention.py
-#   <device>_other_families.png     the other families' GB/s plots (layer_norm, bias_act, kv_append)
-#                                   stacked into one image (common.stack_pngs); each family's own PNG
-#                                   stays in bench/results/
+#   <device>_plots.tar   the families' plots, bench/results/<device>_<family>.png (triton.testing's
+#                    perf_report; `tar -xf` to view them): one file, however many families ran
 # Only PNGs written by this run are brought back (none left from an earlier run).
 # Exits with pytest's status (5 means no GPU test was collected); sanitizer and benchmark failures are
 # reported in the summary. Optional environment:
@@ -28,8 +25,8 @@
 # attention families with --quick fit after the tests; a full bench_attention.py (26 cases x 2 dtypes,
 # a flex-attention compile and a Triton autotune per case) needs a call of its own, e.g.
 #   BENCH_ONLY=1 BENCH_FAMILIES=attention BENCH_ARGS="--dtypes bf16" bench/run_gpu.sh
-# (and --merge with --dtypes fp16 in the next call, carrying that CSV along). The CSV and PNGs are
-# copied into $OUT after each benchmark script, so a run cut short still returns what it measured.
+# (and --merge with --dtypes fp16 in the next call, carrying that CSV along). The CSV and the plots' tar
+# are written into $OUT after each benchmark script, so a run cut short still returns what it measured.
 set -uo pipefail
 
 OUT="${OUT:-./gpu_out}"
@@ -120,27 +117,22 @@ else
 fi
 
 section "benchmarks ${BENCH_ARGS}"
-SLUG="$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import common; print(common.device_slug())' 2>>"$LOG")"
+SLUG="$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import results; print(results.device_slug())' 2>>"$LOG")"
 SLUG="${SLUG:-unknown-device}"
 CSV="bench/results/${SLUG}.csv"
 # PNGs newer than this stamp were written by this run; older ones (committed, or from an earlier run) stay.
 STAMP="$(mktemp)"
 DONE_FAMILIES=""
 copy_plots() {
-  # attention and decode_attention: their own PNG; every other family's PNG: stacked into one file.
-  local family png others=()
+  # Every family's PNG written by this run, in one tar (at most 8 files come back from the machine).
+  local family png plots=()
   for family in $DONE_FAMILIES; do
-    png="bench/results/${SLUG}_${family}.png"
-    if [ ! -f "$png" ] || [ ! "$png" -nt "$STAMP" ]; then continue; fi
-    case "$family" in
-      attention|decode_attention) cp "$png" "$OUT/" ;;
-      *) others+=("$png") ;;
-    esac
+    png="${SLUG}_${family}.png"
+    if [ -f "bench/results/$png" ] && [ "bench/results/$png" -nt "$STAMP" ]; then plots+=("$png"); fi
   done
-  if [ "${#others[@]}" -gt 0 ]; then
-    "$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import common; common.stack_pngs(sys.argv[2:], sys.argv[1])' \
-      "$OUT/${SLUG}_other_families.png" "${others[@]}" >> "$LOG" 2>&1 \
-      || echo "stacking the PNGs of ${others[*]} failed" | tee -a "$LOG"
+  if [ "${#plots[@]}" -gt 0 ]; then
+    tar -cf "$OUT/${SLUG}_plots.tar" -C bench/results "${plots[@]}" >> "$LOG" 2>&1 \
+      || echo "tar of the plots ${plots[*]} failed" | tee -a "$LOG"
   fi
 }
 for family in $FAMILIES; do
