@@ -39,11 +39,12 @@ at::Tensor selftest_mma(const at::Tensor& a, const at::Tensor& b) {
               b.is_contiguous() && a.scalar_type() == b.scalar_type());
   at::Tensor d = at::empty({16, 8}, a.options().dtype(at::kFloat));
   if (a.scalar_type() == at::kHalf) {
-    ::simt::Launch(1, 32)(mma_kernel<__half>, static_cast<const __half*>(a.data_ptr()),
-                          static_cast<const __half*>(b.data_ptr()), d.data_ptr<float>());
+    ::simt::Launch("mma_kernel<__half>", 1, 32)(mma_kernel<__half>, static_cast<const __half*>(a.data_ptr()),
+                                                static_cast<const __half*>(b.data_ptr()), d.data_ptr<float>());
   } else {
-    ::simt::Launch(1, 32)(mma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(a.data_ptr()),
-                          static_cast<const __nv_bfloat16*>(b.data_ptr()), d.data_ptr<float>());
+    ::simt::Launch("mma_kernel<__nv_bfloat16>", 1, 32)(
+        mma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(a.data_ptr()),
+        static_cast<const __nv_bfloat16*>(b.data_ptr()), d.data_ptr<float>());
   }
   return d;
 }
@@ -63,8 +64,8 @@ __global__ void shuffle_kernel(const float* x, float* out, int offset) {
 
 at::Tensor selftest_shuffle(const at::Tensor& x, int64_t offset) {
   at::Tensor out = at::empty_like(x);
-  ::simt::Launch(1, static_cast<unsigned>(x.numel()))(shuffle_kernel, x.data_ptr<float>(), out.data_ptr<float>(),
-                                                        static_cast<int>(offset));
+  ::simt::Launch("shuffle_kernel", 1, static_cast<unsigned>(x.numel()))(
+      shuffle_kernel, x.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(offset));
   return out;
 }
 
@@ -89,7 +90,7 @@ __global__ void broken_kernel(int which, float* out) {
 
 void selftest_broken(int64_t which) {
   at::Tensor out = at::zeros({64});
-  ::simt::Launch(1, 64)(broken_kernel, static_cast<int>(which), out.data_ptr<float>());
+  ::simt::Launch("broken_kernel", 1, 64)(broken_kernel, static_cast<int>(which), out.data_ptr<float>());
 }
 
 }  // namespace

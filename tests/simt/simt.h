@@ -1,7 +1,7 @@
 // A CPU emulator for fusedgpt's CUDA kernels, for machines without a GPU (CI): the real csrc/ sources,
 // host code and kernels alike, compiled by the host C++ compiler with this header force-included
-// (tests/simt/build.py rewrites each `kernel<<<grid, block, smem, stream>>>(args)` into
-// `::simt::Launch(grid, block, smem, stream)(kernel, args)`).
+// (tests/simt/simt_emulator.py rewrites each `kernel<<<grid, block, smem, stream>>>(args)` into
+// `::simt::Launch("kernel", grid, block, smem, stream)(kernel, args)`, the first argument naming the kernel).
 //
 // Semantics emulated, one thread block at a time, every CUDA thread a fiber (ucontext) on one OS thread:
 //   threadIdx / blockIdx / blockDim / gridDim; __shared__ (function-static storage, shared by the fibers
@@ -18,9 +18,39 @@
 // type"), written independently of the kernel that uses them, so a layout slip in a kernel shows up as
 // a wrong result here. Not emulated: memory ordering between threads without a barrier (races), timing,
 // and anything a real GPU adds (compute-sanitizer on a GPU covers those).
+//
+// Memory counters, in the build with FUSEDGPT_SIMT_COUNT=1 (memory_counters.cpp): gcc's ThreadSanitizer
+// instrumentation, linked with no sanitizer runtime, calls back before every load and store of the
+// library's code that may touch memory (not the registers it keeps); those a kernel's thread makes are
+// logged, and at the end of each block the accesses of each warp are grouped into warp requests (the k-th
+// execution of one static instruction by each lane of the warp is one request) and counted per kernel, by
+// the name its launch has in the source, as Nsight Compute counts them:
+//   shared memory (the __shared__ arrays, i.e. the library's own writable statics): wavefronts per
+//   request over 32 banks of 4 bytes. Accesses of up to 4 bytes go in one phase of 32 lanes, 8-byte ones
+//   in 2 half-warp phases, 16-byte ones in 4 quarter-warp phases; a phase with an active lane costs the
+//   largest number of distinct 4-byte words that one bank holds among the words its lanes touch (lanes
+//   reading the same word share it, a broadcast), against the ideal ceil(distinct words / 32).
+//   global memory (any other address but the thread's own stack): the 32-byte sectors a request touches
+//   against the distinct bytes its lanes ask for (sector efficiency = bytes / (32 * sectors)).
+// Registers and locals (the fiber's stack, where the host compiler spills) are not counted, nor is the
+// emulator's own work (functions marked SIMT_UNCOUNTED, and UncountedScope inside them). Not modelled:
+// L1/L2 caching and hit rates, timing and latency; constant memory (kernel parameters live on the stack
+// here, and read-only data is not instrumented); ldmatrix / cp.async (no kernel uses them yet); accesses
+// as nvcc would emit them rather than the host compiler (the counting build turns off the optimisations
+// that change access widths, so a 16-byte uint4 copy stays one access); and divergence the grouping
+// cannot see: a lane that skips a static instruction in one iteration of a loop and executes it in a
+// later one has its later executions grouped into the wrong requests.
 #pragma once
 
 #define FUSEDGPT_SIMT_EMULATION 1
+
+// SIMT_UNCOUNTED marks the emulator's own functions: in the counting build they are left uninstrumented
+// (and gcc inlines neither way across the mark), so their memory accesses are never the kernel's.
+#if defined(FUSEDGPT_SIMT_COUNT)
+#define SIMT_UNCOUNTED __attribute__((no_sanitize_thread))
+#else
+#define SIMT_UNCOUNTED
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -36,7 +66,6 @@
 #include <cstring>
 #include <algorithm>
 #include <cstdlib>
-#include <functional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -102,9 +131,16 @@ enum class State { kRunnable, kAtBarrier, kInCollective, kExited };
 struct Thread {
   ucontext_t context;
   uint3 index;
+  int linear = 0;  // index in the block, x fastest: warp = linear / 32, lane = linear % 32
   int warp = 0, lane = 0;
   State state = State::kExited;
+  uintptr_t stack_begin = 0, stack_end = 0;  // the fiber's stack: its locals and spilled registers
+  int uncounted_depth = 0;  // > 0 while the emulator works on this thread's behalf (UncountedScope)
 };
+
+// The thread whose fiber runs, or nullptr (the scheduler's own code). A plain global rather than a member
+// of the scheduler: the memory counters' callbacks read it before and while scheduler() is first built.
+inline Thread* current_thread = nullptr;
 
 // One warp collective in flight: inputs deposited lane by lane, outputs computed when the last lane
 // arrives (so a lane that runs ahead into the next collective cannot clobber what the others read).
@@ -126,9 +162,9 @@ struct Scheduler {
   std::vector<Warp> warps;
   std::vector<void*> stacks;
   ucontext_t scheduler_context;
-  Thread* current = nullptr;
   int live = 0, at_barrier = 0;
-  const std::function<void()>* body = nullptr;
+  void (*body)(const void*) = nullptr;  // runs the kernel for the current thread: body(body_data)
+  const void* body_data = nullptr;
   std::mt19937 random{0};
   const void* scheduler_stack = nullptr;  // AddressSanitizer's view of the stack the launch runs on
   size_t scheduler_stack_bytes = 0;
@@ -138,8 +174,8 @@ struct Scheduler {
 
 constexpr size_t kStackBytes = 256 * 1024;
 
-inline Scheduler& scheduler() {
-  static Scheduler instance = [] {
+SIMT_UNCOUNTED inline Scheduler& scheduler() {
+  static Scheduler instance = []() SIMT_UNCOUNTED {
     Scheduler s;
     const char* seed = std::getenv("FUSEDGPT_SIMT_SEED");
     s.random.seed(seed != nullptr ? std::strtoul(seed, nullptr, 10) : 0);
@@ -148,10 +184,24 @@ inline Scheduler& scheduler() {
   return instance;
 }
 
+// Held while the emulator works inside a fiber (a collective, a barrier, an error report): the library
+// code it calls (std::vector, std::string) is instrumented like the kernels, and must not be counted.
+struct UncountedScope {
+  Thread* thread;
+  SIMT_UNCOUNTED UncountedScope() : thread(current_thread) {
+    if (thread != nullptr) ++thread->uncounted_depth;
+  }
+  SIMT_UNCOUNTED ~UncountedScope() {
+    if (thread != nullptr) --thread->uncounted_depth;
+  }
+  UncountedScope(const UncountedScope&) = delete;
+  UncountedScope& operator=(const UncountedScope&) = delete;
+};
+
 // Context switches, annotated for AddressSanitizer when it is on (the build with
 // FUSEDGPT_SIMT_SANITIZE=1), so that it follows the fibers' stacks and checks every access of the
 // kernels, global and shared memory alike, for out-of-bounds reads and writes.
-inline void enter_fiber(ucontext_t* from, ucontext_t* to, const void* stack) {
+SIMT_UNCOUNTED inline void enter_fiber(ucontext_t* from, ucontext_t* to, const void* stack) {
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, stack, kStackBytes);
@@ -163,14 +213,14 @@ inline void enter_fiber(ucontext_t* from, ucontext_t* to, const void* stack) {
 #endif
 }
 
-inline void fiber_started() {  // first thing a fiber does, and after every resumption
+SIMT_UNCOUNTED inline void fiber_started() {  // first thing a fiber does, and after every resumption
 #if defined(__SANITIZE_ADDRESS__)
   Scheduler& s = scheduler();
   __sanitizer_finish_switch_fiber(nullptr, &s.scheduler_stack, &s.scheduler_stack_bytes);
 #endif
 }
 
-inline void leave_fiber(ucontext_t* from, bool finished) {
+SIMT_UNCOUNTED inline void leave_fiber(ucontext_t* from, bool finished) {
   Scheduler& s = scheduler();
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
@@ -183,30 +233,32 @@ inline void leave_fiber(ucontext_t* from, bool finished) {
 #endif
 }
 
-inline std::string where() {
+SIMT_UNCOUNTED inline std::string where() {
+  const UncountedScope uncounted;
   const Scheduler& s = scheduler();
   std::string text = "block (" + std::to_string(s.block_index.x) + ", " + std::to_string(s.block_index.y) + ", " +
                      std::to_string(s.block_index.z) + ")";
-  if (s.current != nullptr) {
-    text += ", thread " + std::to_string(s.current->index.x) + " (warp " + std::to_string(s.current->warp) +
-            ", lane " + std::to_string(s.current->lane) + ")";
+  if (current_thread != nullptr) {
+    text += ", thread " + std::to_string(current_thread->index.x) + " (warp " + std::to_string(current_thread->warp) +
+            ", lane " + std::to_string(current_thread->lane) + ")";
   }
   return text;
 }
 
 // Records the error and leaves the running fiber for good; the launch then throws it.
-[[noreturn]] inline void fail(const std::string& message) {
+[[noreturn]] SIMT_UNCOUNTED inline void fail(const std::string& message) {
+  const UncountedScope uncounted;
   Scheduler& s = scheduler();
   if (s.error.empty()) s.error = "simt: " + message + " at " + where();
-  Thread* self = s.current;
+  Thread* self = current_thread;
   self->state = State::kExited;
   leave_fiber(&self->context, false);
   std::abort();  // never resumed
 }
 
-inline void yield_to_scheduler() { leave_fiber(&scheduler().current->context, false); }
+SIMT_UNCOUNTED inline void yield_to_scheduler() { leave_fiber(&current_thread->context, false); }
 
-inline void release_barrier_if_complete() {
+SIMT_UNCOUNTED inline void release_barrier_if_complete() {
   Scheduler& s = scheduler();
   if (s.at_barrier == 0 || s.at_barrier < s.live) return;
   for (Thread& t : s.threads) {
@@ -215,19 +267,21 @@ inline void release_barrier_if_complete() {
   s.at_barrier = 0;
 }
 
-inline void syncthreads() {
+SIMT_UNCOUNTED inline void syncthreads() {
+  const UncountedScope uncounted;
   Scheduler& s = scheduler();
-  s.current->state = State::kAtBarrier;
+  current_thread->state = State::kAtBarrier;
   ++s.at_barrier;
   release_barrier_if_complete();
-  if (s.current->state != State::kRunnable) yield_to_scheduler();
+  if (current_thread->state != State::kRunnable) yield_to_scheduler();
 }
 
 // Deposits this lane's input, waits for the whole warp, returns this lane's output slot.
-inline const Slot& warp_collective(const char* what, int argument, const void* input, size_t bytes,
-                                   void (*compute)(Warp&)) {
+SIMT_UNCOUNTED inline const Slot& warp_collective(const char* what, int argument, const void* input, size_t bytes,
+                                                  void (*compute)(Warp&)) {
+  const UncountedScope uncounted;
   Scheduler& s = scheduler();
-  Thread* self = s.current;
+  Thread* self = current_thread;
   Warp& warp = s.warps[self->warp];
   if (warp.exited > 0) {
     fail(std::string(what) + " with the full mask after " + std::to_string(warp.exited) +
@@ -255,15 +309,17 @@ inline const Slot& warp_collective(const char* what, int argument, const void* i
   return warp.out[self->lane];
 }
 
-inline void fiber_main() {
+SIMT_UNCOUNTED inline void fiber_main() {
   fiber_started();
   Scheduler& s = scheduler();
   try {
-    (*s.body)();
+    s.body(s.body_data);  // the kernel: counted
   } catch (const std::exception& e) {
+    const UncountedScope uncounted;
     if (s.error.empty()) s.error = std::string("simt: exception in a kernel: ") + e.what() + " at " + where();
   }
-  Thread* self = s.current;
+  const UncountedScope uncounted;
+  Thread* self = current_thread;
   self->state = State::kExited;
   --s.live;
   Warp& warp = s.warps[self->warp];
@@ -276,7 +332,14 @@ inline void fiber_main() {
   leave_fiber(&self->context, true);  // returning switches to uc_link, the scheduler
 }
 
-inline void run_block(const std::function<void()>& body) {
+#if defined(FUSEDGPT_SIMT_COUNT)
+// The memory counters (memory_counters.cpp), called by the scheduler outside any fiber.
+void counters_begin_launch(const char* kernel_name, const void* kernel_entry, int64_t threads_per_block);
+void counters_end_block();  // groups the block's logged accesses into warp requests and counts them
+void counters_end_launch();
+#endif
+
+SIMT_UNCOUNTED inline void run_block() {
   Scheduler& s = scheduler();
   const int count = static_cast<int>(s.block.x * s.block.y * s.block.z);
   s.threads.assign(count, Thread{});
@@ -286,16 +349,18 @@ inline void run_block(const std::function<void()>& body) {
     if (stack == MAP_FAILED) throw std::runtime_error("simt: cannot map a fiber stack");
     s.stacks.push_back(stack);
   }
-  s.body = &body;
   s.live = count;
   s.at_barrier = 0;
   for (int i = 0; i < count; ++i) {
     Thread& t = s.threads[i];
     t.index = {static_cast<unsigned>(i % s.block.x), static_cast<unsigned>((i / s.block.x) % s.block.y),
                static_cast<unsigned>(i / (s.block.x * s.block.y))};
+    t.linear = i;
     t.warp = i / 32;
     t.lane = i % 32;
     t.state = State::kRunnable;
+    t.stack_begin = reinterpret_cast<uintptr_t>(s.stacks[i]);
+    t.stack_end = t.stack_begin + kStackBytes;
     ++s.warps[t.warp].lanes;
     getcontext(&t.context);
     t.context.uc_stack.ss_sp = s.stacks[i];
@@ -311,9 +376,9 @@ inline void run_block(const std::function<void()>& body) {
     for (const int i : order) {
       Thread& t = s.threads[i];
       if (t.state != State::kRunnable) continue;
-      s.current = &t;
+      current_thread = &t;
       enter_fiber(&s.scheduler_context, &t.context, s.stacks[i]);
-      s.current = nullptr;
+      current_thread = nullptr;
       ran = true;
       if (!s.error.empty()) break;
     }
@@ -327,15 +392,28 @@ inline void run_block(const std::function<void()>& body) {
                 " thread(s) wait in __syncthreads, " + std::to_string(waiting_warp) + " in warp collectives";
     }
   }
+#if defined(FUSEDGPT_SIMT_COUNT)
+  counters_end_block();
+#endif
 }
 
-// `kernel<<<grid, block, shared_bytes, stream>>>(args...)` becomes `Launch(grid, block, ...)(kernel, args...)`.
+template <typename Callable>
+SIMT_UNCOUNTED void call_kernel(const void* callable) {
+  (*static_cast<const Callable*>(callable))();
+}
+
+// `kernel<<<grid, block, shared_bytes, stream>>>(args...)` becomes
+// `Launch("kernel", grid, block, shared_bytes, stream)(kernel, args...)`; the name (the launch's text in
+// the source) keys the memory counters.
 struct Launch {
+  const char* name = nullptr;
   dim3 grid, block;
   Launch(dim3 grid_, dim3 block_, size_t = 0, cudaStream_t = nullptr) : grid(grid_), block(block_) {}
+  Launch(const char* name_, dim3 grid_, dim3 block_, size_t = 0, cudaStream_t = nullptr)
+      : name(name_), grid(grid_), block(block_) {}
 
   template <typename Kernel, typename... Args>
-  void operator()(Kernel kernel, const Args&... args) const {
+  SIMT_UNCOUNTED void operator()(Kernel kernel, const Args&... args) const {
     Scheduler& s = scheduler();
     if (s.running) throw std::runtime_error("simt: a kernel launched from inside a kernel");
     const int64_t threads = int64_t{block.x} * block.y * block.z;
@@ -346,19 +424,30 @@ struct Launch {
       throw std::runtime_error("simt: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                                ", " + std::to_string(grid.z) + ")");
     }
-    const std::function<void()> body = [&] { kernel(args...); };  // parameters copied per thread, by value
+    // Parameters copied per thread, by value, here: uncounted, as a GPU's parameters are constant memory.
+    const auto body = [&]() SIMT_UNCOUNTED { kernel(args...); };
+    s.body = &call_kernel<decltype(body)>;
+    s.body_data = &body;
     s.grid = grid;
     s.block = block;
     s.error.clear();
     s.running = true;
+#if defined(FUSEDGPT_SIMT_COUNT)
+    const void* entry = nullptr;
+    if constexpr (std::is_pointer_v<Kernel>) entry = reinterpret_cast<const void*>(kernel);
+    counters_begin_launch(name, entry, threads);
+#endif
     for (unsigned z = 0; z < grid.z && s.error.empty(); ++z) {
       for (unsigned y = 0; y < grid.y && s.error.empty(); ++y) {
         for (unsigned x = 0; x < grid.x && s.error.empty(); ++x) {
           s.block_index = {x, y, z};
-          run_block(body);
+          run_block();
         }
       }
     }
+#if defined(FUSEDGPT_SIMT_COUNT)
+    counters_end_launch();
+#endif
     s.running = false;
     if (!s.error.empty()) throw std::runtime_error(s.error);
   }
@@ -367,7 +456,7 @@ struct Launch {
 // ---- warp collectives -------------------------------------------------------------------------------
 
 template <typename T>
-void shuffle_xor_compute(Warp& warp) {
+SIMT_UNCOUNTED void shuffle_xor_compute(Warp& warp) {
   static_assert(sizeof(T) <= sizeof(Slot));
   for (int lane = 0; lane < 32; ++lane) {
     const int source = lane ^ warp.argument;
@@ -379,7 +468,8 @@ void shuffle_xor_compute(Warp& warp) {
 }
 
 template <typename T>
-T shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
+SIMT_UNCOUNTED T shuffle_xor(unsigned mask, T value, int lane_mask, int width) {
+  const UncountedScope uncounted;
   if (mask != 0xffffffffu) fail("only the full mask 0xffffffff is emulated in __shfl_xor_sync");
   if (width != 32) fail("only width 32 is emulated in __shfl_xor_sync");
   if (lane_mask < 0 || lane_mask > 31) fail("__shfl_xor_sync lane mask out of range");
@@ -397,14 +487,14 @@ struct MmaFragments {
 };
 
 template <typename Element>
-float mma_element(uint32_t word, int half) {
+SIMT_UNCOUNTED float mma_element(uint32_t word, int half) {
   const uint16_t bits = static_cast<uint16_t>(half == 0 ? word & 0xffffu : word >> 16);
   if constexpr (std::is_same_v<Element, __half>) return __half2float(__half{bits});
   else return __bfloat162float(__nv_bfloat16{bits});
 }
 
 template <typename Element>
-void mma_compute(Warp& warp) {
+SIMT_UNCOUNTED void mma_compute(Warp& warp) {
   double a[16][16], b[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     MmaFragments f;
@@ -436,9 +526,10 @@ void mma_compute(Warp& warp) {
 }
 
 template <typename Element>
-void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+SIMT_UNCOUNTED void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   static_assert(sizeof(MmaFragments) <= sizeof(Slot));
-  if (scheduler().warps[scheduler().current->warp].lanes != 32) fail("mma.sync needs a full warp");
+  const UncountedScope uncounted;
+  if (scheduler().warps[current_thread->warp].lanes != 32) fail("mma.sync needs a full warp");
   MmaFragments f;
   std::memcpy(f.a, a, sizeof(f.a));
   std::memcpy(f.b, b, sizeof(f.b));
@@ -448,18 +539,24 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
   std::memcpy(c, out.bytes, sizeof(float) * 4);
 }
 
+// The built-ins, by value: reading them is no memory access of the kernel.
+SIMT_UNCOUNTED inline uint3 thread_index() { return current_thread->index; }
+SIMT_UNCOUNTED inline uint3 block_index() { return scheduler().block_index; }
+SIMT_UNCOUNTED inline dim3 block_dimensions() { return scheduler().block; }
+SIMT_UNCOUNTED inline dim3 grid_dimensions() { return scheduler().grid; }
+
 }  // namespace simt
 
 // ---- the CUDA built-ins the kernels use ---------------------------------------------------------------
 
-#define threadIdx (::simt::scheduler().current->index)
-#define blockIdx (::simt::scheduler().block_index)
-#define blockDim (::simt::scheduler().block)
-#define gridDim (::simt::scheduler().grid)
+#define threadIdx (::simt::thread_index())
+#define blockIdx (::simt::block_index())
+#define blockDim (::simt::block_dimensions())
+#define gridDim (::simt::grid_dimensions())
 
-inline void __syncthreads() { ::simt::syncthreads(); }
+SIMT_UNCOUNTED inline void __syncthreads() { ::simt::syncthreads(); }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+SIMT_UNCOUNTED T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return ::simt::shuffle_xor(mask, value, lane_mask, width);
 }
