@@ -12,6 +12,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "op_limits.h"
 
 namespace fusedgpt {
 
@@ -76,6 +79,22 @@ inline bool is_aligned(const void* p, int bytes) { return reinterpret_cast<uintp
       default: TORCH_CHECK(false, "fusedgpt::", op, ": unsupported dtype ", dtype); \
     }                                                                               \
   }()
+
+// ---- head-dim dispatch: the attention kernels' one switch on D -----------------------------------------
+
+// Calls launch(std::integral_constant<int, D>{}) for dim == D, one case per head dim of op_limits.h's
+// list (generated from the op contract); any other head dim is an error, never a neighbour's kernel.
+template <typename Launch>
+void dispatch_head_dim(const char* op, int64_t dim, Launch&& launch) {
+  switch (dim) {
+#define FUSEDGPT_HEAD_DIM_CASE(D) \
+  case D: launch(std::integral_constant<int, D>{}); return;
+    FUSEDGPT_ATTENTION_HEAD_DIMS(FUSEDGPT_HEAD_DIM_CASE)
+#undef FUSEDGPT_HEAD_DIM_CASE
+    default: FUSEDGPT_CHECK(false, op, "no CUDA instantiation for head dim ", dim, " (built for ",
+                            FUSEDGPT_ATTENTION_HEAD_DIMS_TEXT, ")");
+  }
+}
 
 // ---- reductions --------------------------------------------------------------------------------------
 

@@ -3,7 +3,11 @@
 // fake (meta) implementations live in python/fusedgpt/ops/<family>.py.
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
+#include <vector>
+
+#include "op_limits.h"
 
 #ifndef FUSEDGPT_CUDA_ARCHS
 #define FUSEDGPT_CUDA_ARCHS unknown
@@ -26,8 +30,17 @@ std::string cuda_archs() {
 }  // namespace
 }  // namespace fusedgpt
 
+namespace fusedgpt {
+// The head dims this library's attention kernels were instantiated for (op_limits.h, generated from
+// python/fusedgpt/ops/_limits.py), which the tests hold to the Python side's list.
+static std::vector<int64_t> cuda_head_dims() {
+  return {std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims)};
+}
+}  // namespace fusedgpt
+
 TORCH_LIBRARY(fusedgpt, m) {
   m.def("cuda_archs() -> str", &fusedgpt::cuda_archs);
+  m.def("cuda_head_dims() -> int[]", &fusedgpt::cuda_head_dims);
   // y = LayerNorm(x) over the last dim.
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   // s = x + residual; y = LayerNorm(s). Returns (y, s).

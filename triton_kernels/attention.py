@@ -15,7 +15,6 @@ accumulator stay in registers (online softmax)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -184,7 +183,3 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
     )
     return out
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

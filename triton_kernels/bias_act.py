@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+# The kernel's ACTIVATION constexpr for each activation name (the names are the op contract's:
+# fusedgpt.ops._limits.ACTIVATIONS).
+ACTIVATION_CODES = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str) ->
     grid = (triton.cdiv(rows, block_m), triton.cdiv(columns, block_n))
     _bias_act_fwd_kernel[grid](
         x2, bias if bias is not None else x2, y, rows, columns, x2.stride(0), bias.stride(0) if bias is not None else 0,
-        ACTIVATION=ACTIVATIONS.index(activation), HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )
     return y

@@ -1,17 +1,15 @@
 """Triton LayerNorm over the last dim, optionally fused with the residual add (pre-LN blocks):
 s = x + residual (rounded to x's dtype, as the unfused block stores it), y = LN(s) * weight + bias.
 
-One program per row; the whole row (padded to a power of two, at most 16384) is held in registers, so
-x and residual are read once and y and s written once. Statistics in fp32, two-pass variance over
-the row shifted by its first element."""
+One program per row; the whole row (padded to a power of two; the op contract's limit is
+fusedgpt.ops._limits.MAX_COLUMNS = 16384) is held in registers, so x and residual are read once and y
+and s written once. Statistics in fp32, two-pass variance over the row shifted by its first element."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-MAX_COLUMNS = 16384
 
 
 @triton.jit
@@ -59,7 +57,7 @@ def _layer_norm_fwd_kernel(
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (y, s) with s = x + residual (None without a residual). x: [..., C], unit last stride,
-    C <= 16384; residual like x; weight, bias: [C] or None, any stride. Outputs are contiguous."""
+    C <= MAX_COLUMNS (checked by fusedgpt.ops.layer_norm); residual like x; weight, bias: [C] or None, any stride. Outputs are contiguous."""
     columns = x.shape[-1]
     x2 = x.reshape(-1, columns)  # (rows, C), a view when the leading dims allow it
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -5,6 +5,7 @@
 
 #include "attention/attention.h"
 #include "common.h"
+#include "op_limits.h"
 
 namespace fusedgpt {
 namespace {
@@ -23,7 +24,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     FUSEDGPT_CHECK(t->dim() == 4, op, name, " must have rank 4 ([B, S, H, D]), got shape ", t->sizes());
     FUSEDGPT_CHECK(t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16, op, name,
-                   " must be float16 or bfloat16 (float32 runs on the Triton kernel), got ", t->scalar_type());
+                   " must be ", FUSEDGPT_ATTENTION_DTYPES_TEXT, " (float32 runs on the Triton kernel), got ",
+                   t->scalar_type());
     check_same_dtype(op, *t, name, q, "q");
     check_same_device(op, *t, name, q, "q");
     check_unit_last_stride(op, *t, name);
@@ -34,10 +36,11 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                  "k must have shape [B, Sk, H, D] = [", batch, ", Sk, ", heads, ", ", dim, "] to match q, got ",
                  k.sizes());
   FUSEDGPT_CHECK(q_len <= kv_len, op, "q has more tokens (", q_len, ") than k (", kv_len, "); Sq <= Sk is required");
-  FUSEDGPT_CHECK(attention::supported_head_dim(static_cast<int>(dim)), op,
-                 "head dim D must be 64, 80, 96 or 128 for the CUDA kernel, got ", dim);
+  FUSEDGPT_CHECK(is_attention_head_dim(dim), op, "head dim D must be ", FUSEDGPT_ATTENTION_HEAD_DIMS_TEXT,
+                 " for the CUDA kernel, got ", dim);
   FUSEDGPT_CHECK(kv_len < (int64_t{1} << 30), op, "k's sequence length must be below 2^30, got ", kv_len);
-  FUSEDGPT_CHECK(batch * heads <= 65535, op, "B * H must be at most 65535, got ", batch * heads);
+  FUSEDGPT_CHECK(batch * heads <= kMaxBatchHeads, op, "B * H must be at most ", kMaxBatchHeads, ", got ",
+                 batch * heads);
   if (window) {
     FUSEDGPT_CHECK(*window >= 1 && *window < (int64_t{1} << 30), op, "window must be a positive int, got ", *window);
     FUSEDGPT_CHECK(causal, op, "window needs causal=True");
@@ -75,17 +78,21 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   params.causal = causal;
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
+  // One case per instantiation file (op_limits.h's lists); anything else is an error, never a neighbour.
   auto run = [&](auto element_tag) {
     using Element = decltype(element_tag);
-    switch (dim) {
-      case 64: attention::launch<Element, 64>(params, stream); break;
-      case 80: attention::launch<Element, 80>(params, stream); break;
-      case 96: attention::launch<Element, 96>(params, stream); break;
-      default: attention::launch<Element, 128>(params, stream); break;
-    }
+    dispatch_head_dim(op, dim, [&](auto head_dim) {
+      attention::launch<Element, decltype(head_dim)::value>(params, stream);
+    });
   };
-  if (q.scalar_type() == at::kHalf) run(__half{});
-  else run(__nv_bfloat16{});
+  switch (q.scalar_type()) {
+#define FUSEDGPT_DTYPE_CASE(SCALAR_TYPE, ELEMENT) \
+  case SCALAR_TYPE: run(ELEMENT{}); break;
+    FUSEDGPT_ATTENTION_DTYPES(FUSEDGPT_DTYPE_CASE)
+#undef FUSEDGPT_DTYPE_CASE
+    default: FUSEDGPT_CHECK(false, op, "no CUDA instantiation for dtype ", q.scalar_type(), " (built for ",
+                            FUSEDGPT_ATTENTION_DTYPES_TEXT, ")");
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

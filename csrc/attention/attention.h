@@ -1,7 +1,8 @@
 // Traits and parameters of fusedgpt's hand-written CUDA prefill attention (FlashAttention-2 style, on
 // the tensor cores through mma.sync m16n8k16, fp32 accumulation). See attention_kernel.cuh for the
 // kernel, attention_launch.cuh for its launch, attention_hdim*_*.cu for one instantiation per
-// (head dim, dtype) so that they compile in parallel, and attention.cu for the host function.
+// (head dim, dtype) so that they compile in parallel (generated, with the head-dim list of op_limits.h, by
+// csrc/generate_sources.py), and attention.cu for the host function.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,9 +35,6 @@ constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-
-// Head dims with an instantiation (multiples of 16: the mma's k step).
-constexpr bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128; }
 
 template <typename Element, int HEAD_DIM>
 void launch(const Params& params, cudaStream_t stream);

@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "op_limits.h"
 
 namespace fusedgpt {
 namespace {
@@ -276,9 +277,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   FUSEDGPT_CHECK(k_cache.size(0) == batch && k_cache.size(2) == heads && k_cache.size(3) == dim, op,
                  "k_cache must have shape [B, S_max, H, D] = [", batch, ", S_max, ", heads, ", ", dim,
                  "] to match q, got ", k_cache.sizes());
-  FUSEDGPT_CHECK(tokens >= 1 && tokens <= 16, op, "q must hold 1 to 16 tokens per sequence, got ", tokens);
-  FUSEDGPT_CHECK(dim == 64 || dim == 80 || dim == 96 || dim == 128, op,
-                 "head dim D must be 64, 80, 96 or 128 for the CUDA kernel, got ", dim);
+  FUSEDGPT_CHECK(tokens >= 1 && tokens <= kMaxNewTokens, op, "q must hold 1 to ", kMaxNewTokens,
+                 " tokens per sequence, got ", tokens);
+  FUSEDGPT_CHECK(is_attention_head_dim(dim), op, "head dim D must be ", FUSEDGPT_ATTENTION_HEAD_DIMS_TEXT,
+                 " for the CUDA kernel, got ", dim);
   if (k_new) {
     FUSEDGPT_CHECK(k_new->sizes() == q.sizes(), op, "k must have the shape of q (", q.sizes(), "), got ", k_new->sizes());
     FUSEDGPT_CHECK(v_new->sizes() == q.sizes(), op, "v must have the shape of q (", q.sizes(), "), got ", v_new->sizes());
@@ -290,7 +292,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   if (kv_start) check_lengths(op, *kv_start, "kv_start", batch, q);
   if (window) FUSEDGPT_CHECK(*window >= 1 && *window < (int64_t{1} << 30), op, "window must be a positive int, got ", *window);
   FUSEDGPT_CHECK(num_splits >= 1 && num_splits <= 1024, op, "num_splits must be in [1, 1024], got ", num_splits);
-  FUSEDGPT_CHECK(batch * heads <= 65535, op, "B * H must be at most 65535, got ", batch * heads);
+  FUSEDGPT_CHECK(batch * heads <= kMaxBatchHeads, op, "B * H must be at most ", kMaxBatchHeads, ", got ",
+                 batch * heads);
   for (const auto& [t, name] : tensors) check_vector_layout(op, *t, name);
   require_cuda(op, q, "q");
 
@@ -331,19 +334,18 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   params.splits = splits;
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
+  // One case per head dim of op_limits.h's list (dispatch_head_dim); anything else is an error.
   auto run = [&](auto element_tag) {
     using Element = decltype(element_tag);
-    switch (dim) {
-      case 64: launch_decode<Element, 64>(params, static_cast<int>(batch), out, stream); break;
-      case 80: launch_decode<Element, 80>(params, static_cast<int>(batch), out, stream); break;
-      case 96: launch_decode<Element, 96>(params, static_cast<int>(batch), out, stream); break;
-      default: launch_decode<Element, 128>(params, static_cast<int>(batch), out, stream); break;
-    }
+    dispatch_head_dim(op, dim, [&](auto head_dim) {
+      launch_decode<Element, decltype(head_dim)::value>(params, static_cast<int>(batch), out, stream);
+    });
   };
   switch (q.scalar_type()) {
     case at::kHalf: run(__half{}); break;
     case at::kBFloat16: run(__nv_bfloat16{}); break;
-    default: run(float{}); break;
+    case at::kFloat: run(float{}); break;
+    default: FUSEDGPT_CHECK(false, op, "no CUDA instantiation for dtype ", q.scalar_type());
   }
   return out;
 }

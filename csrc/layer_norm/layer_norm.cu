@@ -6,11 +6,14 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "op_limits.h"
 
 namespace fusedgpt {
 namespace {
 
-constexpr int kMaxColumns = 16384;
+// The contract's largest hidden size (kMaxColumns) must fit one row per block: at most 16 vectors per
+// thread (ITERS) of 1024 threads, with one-element vectors for rows that are not 16-byte aligned.
+static_assert(kMaxColumns <= 16 * 1024, "layer_norm holds at most 16 vectors per thread of 1024 threads");
 
 // Each thread owns ITERS vectors of VEC columns: column = (iter * blockDim.x + threadIdx.x) * VEC.
 template <typename T, int VEC, int ITERS>
@@ -91,7 +94,7 @@ void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual
                        const T* bias, T* y, T* sum_out, float eps, cudaStream_t stream) {
   const int64_t rows = x2.size(0);
   const int columns = static_cast<int>(x2.size(1));
-  const int vectors = static_cast<int>(ceil_div(columns, VEC));  // columns <= 16384
+  const int vectors = static_cast<int>(ceil_div(columns, VEC));  // columns <= kMaxColumns
   int iters = 1;
   while (iters < 16 && (iters < 4 ? vectors > 512 * iters : vectors > 1024 * iters)) iters *= 2;
   const int threads = std::max(32, static_cast<int>(ceil_div(ceil_div(vectors, iters), 32) * 32));

@@ -5,8 +5,11 @@ top-p sampling; per-sequence EOS; streaming.
 
 Why it is fast: the step has no host synchronisation (cache lengths, positions and the finished flags
 live on the device), so on a GPU it is recorded once as a CUDA graph and every later token costs one
-graph launch plus the sampling kernels. The host reads the device every `sync_every` tokens only, to
-stream the new tokens and to stop once every sequence has met EOS. The cache [B, S_max, H, D] per layer
+graph launch plus the sampling kernels. Whether the step can be captured is decode_attention's own
+decision (fusedgpt.ops.decode_attention_backend, asked for each layer's call of the step): the one op
+of the step that can read the host, e.g. through its reference, which reads the lengths. The host
+reads the device every `sync_every` tokens only, to stream the new tokens and to stop once every
+sequence has met EOS. The cache [B, S_max, H, D] per layer
 is allocated once per (batch, length bucket, dtype, device) and kept on the model with its graph, so
 repeated calls of the same shape reuse both (model._decode_state).
 
@@ -25,7 +28,7 @@ from typing import Callable
 import torch
 
 from fusedgpt.models.gpt import GPT, check_input_ids, left_padding
-from fusedgpt.ops import choose_backend
+from fusedgpt.ops import BackendChoice, decode_attention_backend
 
 Tensor = torch.Tensor
 
@@ -84,6 +87,40 @@ class DecodeState:
         with torch.cuda.graph(graph):
             self.graph_logits = model.decode_step(self.tokens, self.kv_start, self.cache, self.cache_lens)
         self.graph = graph
+
+
+def decode_step_backends(model: GPT, state: DecodeState) -> list[BackendChoice]:
+    """decode_attention's decision for each layer's call in a decode step over `state`, asked with the
+    arguments the step passes: q, k, v of one token per sequence as the block's QKV projection lays them
+    out, the state's caches, cache_lens and kv_start. (The step's other ops, layer_norm and bias_act, are
+    capturable on every backend.)"""
+    batch = state.tokens.shape[0]
+    hidden = torch.zeros(batch, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)  # (B, 1, C)
+    q, k, v = model.blocks[0].project_qkv(hidden)  # each (B, 1, H, D): every block lays them out alike
+    return [decode_attention_backend(q, k_cache, v_cache, state.cache_lens, k=k, v=v, window=block.window,
+                                     scale=block.scale, kv_start=state.kv_start)
+            for block, (k_cache, v_cache) in zip(model.blocks, state.cache)]
+
+
+def capture_blocker(choices: list[BackendChoice]) -> str | None:
+    """Why a decode step whose decode_attention calls got these decisions cannot be captured in a CUDA
+    graph (None: it can)."""
+    for layer, choice in enumerate(choices):
+        if not choice.capturable:
+            return (f"layer {layer}'s decode_attention call (the {choice.backend!r} path) cannot be captured: "
+                    f"{choice.host_read}")
+    return None
+
+
+def use_cuda_graph(requested: bool | None, device: torch.device, blocker: str | None) -> bool:
+    """The cuda_graph setting of a generate call on `device`: `requested` (None: on CUDA whenever the step
+    can be captured, i.e. capture_blocker found nothing); True where it cannot be is a ValueError naming
+    why (the caller has refused True off CUDA already)."""
+    if requested is None:
+        return device.type == "cuda" and blocker is None
+    if requested and blocker is not None:
+        raise ValueError(f"cuda_graph=True: {blocker}")
+    return bool(requested)
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -175,9 +212,7 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {token!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
-    if cuda_graph is None:  # the reference decode attention reads lengths on the host: not capturable
-        cuda_graph = device.type == "cuda" and choose_backend("decode_attention", device) != "torch"
-    if cuda_graph and device.type != "cuda":
+    if cuda_graph and device.type != "cuda":  # before the cache is allocated
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
 
@@ -186,6 +221,7 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
 
     max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     state = _decode_state(model, batch, max_len)
+    cuda_graph = use_cuda_graph(cuda_graph, device, capture_blocker(decode_step_backends(model, state)))
     state.kv_start.copy_(kv_start if kv_start is not None else torch.zeros_like(state.kv_start))
     state.cache_lens.fill_(prompt_len)
     eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
@@ -246,8 +282,9 @@ def generate(model: GPT, input_ids: Tensor, attention_mask: Tensor | None = None
     emits one is finished and continues with pad_token_id (None: the config's, else the first EOS).
     streamer(tokens): called with the new tokens as a CPU int64 [B, n] chunk, in order, every
     `sync_every` tokens (the host reads the device then, and only then; it also checks for EOS).
-    cuda_graph: capture the decode step once and replay it (default: on CUDA unless the decode attention
-    runs on the "torch" reference backend, which reads lengths on the host)."""
+    cuda_graph: capture the decode step once and replay it (default: on CUDA whenever
+    fusedgpt.ops.decode_attention_backend says every layer's call of the step is capturable; True where
+    it is not is a ValueError)."""
     return generate_with_stats(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,

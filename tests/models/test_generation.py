@@ -12,7 +12,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 import fusedgpt
 from fusedgpt.cli import main
-from fusedgpt.generation import filter_logits, generate, generate_with_stats
+from fusedgpt.generation import (DecodeState, capture_blocker, decode_step_backends, filter_logits, generate,
+                                 generate_with_stats, use_cuda_graph)
 from fusedgpt.models import from_config
 from fusedgpt.models.tiny import train_tokenizer
 
@@ -135,6 +136,42 @@ def test_position_limit_and_bad_arguments_are_errors(monkeypatch):
                             (dict(sync_every=0), "sync_every"), (dict(cuda_graph=True), "cuda_graph=True")]:
         with pytest.raises(ValueError, match=message):
             generate(model, ids[:, :4], **{"max_new_tokens": 4, **kwargs})
+
+
+# ---- whether the decode step is captured ----------------------------------------------------------------
+
+def test_capture_follows_decode_attentions_decision(monkeypatch):
+    """generate's CUDA-graph setting asks decode_attention's decision for each layer's call of the step
+    (the decision runs here on the CPU; the capture itself needs a GPU): a step the op would send to the
+    reference, which reads cache_lens on the host (.tolist()), is not captured, and cuda_graph=True for
+    it is an error naming why; the kernels and the torch path read nothing on the host."""
+    set_backend(monkeypatch, "triton", "cpu")  # a kernel backend asked for by name
+    model = from_config(gpt2_config())
+    state = DecodeState(model, 2, 128)
+    gpu = torch.device("cuda", 0)
+    model.requires_grad_(True)  # parameters being trained, grad mode on: the step's q needs autograd,
+    with torch.enable_grad():  # which only the reference serves
+        choices = decode_step_backends(model, state)
+    model.requires_grad_(False)
+    assert [choice.backend for choice in choices] == ["reference", "reference"]
+    blocker = capture_blocker(choices)
+    assert blocker == ("layer 0's decode_attention call (the 'reference' path) cannot be captured: it needs "
+                       "autograd: decode_attention_reference reads cache_lens on the host")
+    assert use_cuda_graph(None, gpu, blocker) is False
+    with pytest.raises(ValueError, match=r"cuda_graph=True: layer 0's decode_attention call \(the 'reference' path\)"):
+        use_cuda_graph(True, gpu, blocker)
+    with torch.inference_mode():  # as generate runs it: the Triton kernel, which reads nothing on the host
+        choices = decode_step_backends(model, state)
+    assert [choice.backend for choice in choices] == ["triton", "triton"]
+    # ... but here the lengths live on the CPU, and are checked there: on a GPU they live on the device
+    assert {choice.host_read for choice in choices} == {"cache_lens (on the CPU) are checked on the host"}
+    monkeypatch.setenv("FUSEDGPT_BACKEND", "torch")  # so does the torch path (no kernel serves float64 either)
+    with torch.inference_mode():
+        choices = decode_step_backends(model.double(), DecodeState(model, 2, 128))
+    assert [choice.backend for choice in choices] == ["torch", "torch"]
+    assert {choice.host_read for choice in choices} == {"cache_lens (on the CPU) are checked on the host"}
+    assert use_cuda_graph(None, gpu, None) is True and use_cuda_graph(False, gpu, None) is False
+    assert use_cuda_graph(None, torch.device("cpu"), None) is False
 
 
 # ---- `fusedgpt generate` -------------------------------------------------------------------------------

@@ -182,14 +182,19 @@ class Block(nn.Module):
         self.fc_in = LinearAct(hidden, config.ffn_size, bias=config.mlp_bias, activation=config.activation)
         self.fc_out = nn.Linear(config.ffn_size, hidden, bias=config.mlp_bias)
 
+    def project_qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, S, H, D] of h [B, S, C]: strided views of the one fused QKV projection's output."""
+        batch, seq, _ = h.shape
+        qkv = self.qkv(h).view(batch, seq, 3, self.num_heads, self.head_dim)  # (B, S, 3, H, D)
+        return qkv.unbind(dim=2)  # each (B, S, H, D), strided views of qkv
+
     def attend(self, h: Tensor, kv_start: Tensor | None, cache: tuple[Tensor, Tensor] | None,
                cache_lens: Tensor | None) -> Tensor:
         """Self-attention of h [B, S, C]. Without cache_lens: the prompt (causal over h itself), written
         into the cache at 0..S-1 when one is given. With cache_lens (device int32 [B]): new tokens
         attending to the cache, appended to it by the same kernel (the caller advances cache_lens)."""
         batch, seq, hidden = h.shape
-        qkv = self.qkv(h).view(batch, seq, 3, self.num_heads, self.head_dim)  # (B, S, 3, H, D)
-        q, k, v = qkv.unbind(dim=2)  # each (B, S, H, D), strided views of qkv
+        q, k, v = self.project_qkv(h)
         if cache_lens is None:
             out = attention(q, k, v, causal=True, window=self.window, scale=self.scale, kv_start=kv_start)
             if cache is not None:

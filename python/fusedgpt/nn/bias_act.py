@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedgpt.ops._limits import ACTIVATIONS
 from fusedgpt.ops.bias_act import bias_act
-from fusedgpt.triton_kernels.bias_act import ACTIVATIONS
 
 
 class LinearAct(torch.nn.Linear):

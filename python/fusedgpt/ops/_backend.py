@@ -1,15 +1,20 @@
 """Backend selection shared by every op family (CONVENTIONS.md, "The op contract").
 
 Order: the explicit `backend=` argument, then the FUSEDGPT_BACKEND environment variable, then the
-automatic choice. Backends: "cuda" (the compiled extension), "triton", "torch" (the reference).
+automatic choice. Backends: "cuda" (the compiled extension), "triton", "torch" (composite PyTorch).
 Automatic: on a GPU, the fastest measured backend for this family on this architecture (MEASURED_ORDER);
-on the CPU, the Triton kernels under TRITON_INTERPRET=1 (how CI exercises them), else the reference.
+on the CPU, the Triton kernels under TRITON_INTERPRET=1 (how CI exercises them), else "torch".
+
+Each op family has one decision, fusedgpt.ops.<family>_backend(...) (built on decide() here), which
+its public function follows and which callers (generation, patching) ask instead of re-deriving it: it
+returns a BackendChoice, with "reference" (the specification) for calls that need autograd.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -94,6 +99,47 @@ def choose_backend(family: str, device: torch.device, backend: str | None = None
         if _unavailable(name, device, unsupported) is None:
             return name
     return "torch"
+
+
+class BackendChoice(NamedTuple):
+    """What an op's backend decision answers for one call.
+
+    backend: "cuda", "triton" or "torch", or "reference" (the specification, which serves every call that
+    needs autograd: the kernels and the torch path are inference-only). unsupported: backend -> why it
+    cannot serve this call (empty when every backend could). host_read: what the call reads on the host
+    or copies from it (host checks of index tensors: check=True, CPU positions or lengths; CPU index
+    tensors copied to the device; a reference that reads lengths), or None: then a CUDA graph can
+    capture the call and torch.compile trace it without a graph break (see `capturable`)."""
+
+    backend: str
+    unsupported: dict[str, str]
+    host_read: str | None
+
+    @property
+    def capturable(self) -> bool:
+        return self.host_read is None
+
+
+AUTOGRAD_REASON = "the call needs autograd, which only the reference (the specification) serves"
+
+
+def decide(family: str, device: torch.device, backend: str | None, *, unsupported: dict[str, str], size: int,
+           autograd: bool, host_read: str | None = None, reference_host_read: str | None = None) -> BackendChoice:
+    """The decision of one call of `family`, for the ops' <family>_backend functions: "reference" when
+    the call needs autograd (whatever was requested; a requested name is still checked), else
+    choose_backend's answer. unsupported: what the kernels cannot serve in this call (see
+    choose_backend); host_read: what the op itself reads on (or copies from) the host for this call;
+    reference_host_read: what the family's reference reads on the host, if anything."""
+    _requested(backend)
+    if autograd:
+        return BackendChoice("reference", dict.fromkeys(BACKENDS, AUTOGRAD_REASON), reference_host_read or host_read)
+    chosen = choose_backend(family, device, backend, unsupported=unsupported, size=size)
+    reasons = {}
+    for name in BACKENDS:
+        reason = _unavailable(name, device, unsupported) if name != chosen else None
+        if reason is not None:
+            reasons[name] = reason
+    return BackendChoice(chosen, reasons, host_read)
 
 
 def _warn_once_without_extension() -> None:

@@ -1,26 +1,38 @@
 """attention: fused prefill attention — causal, sliding-window (GPT-Neo's local layers) and
 left-padded batches — over [B, S, H, D] tensors.
 
-Contract (CONVENTIONS.md): `attention_reference` is the specification; `attention` validates, picks a
-backend and runs it. GPU paths, custom ops with fake implementations:
+Contract (CONVENTIONS.md): `attention_reference` is the specification; `attention` validates, follows
+`attention_backend` (the one decision of which backend serves a call) and runs it. What each backend
+supports: fusedgpt.ops._limits. GPU paths, custom ops with fake implementations:
     fusedgpt::attention          hand-written CUDA, mma.sync tensor cores (csrc/attention/)
     fusedgpt::attention_triton   Triton (triton_kernels/attention.py)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
-from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, check_like, check_same_heads,
                                   check_window_and_scale, kernel_limits, needs_autograd)
-from fusedgpt.triton_kernels.attention import attention_fwd, default_scale
+from fusedgpt.ops._limits import (CUDA_ATTENTION_DTYPES, CUDA_ATTENTION_HEAD_DIMS, MAX_BATCH_HEADS,
+                                  TRITON_ATTENTION_MAX_HEAD_DIM)
+from fusedgpt.triton_kernels.attention import attention_fwd
 
 Tensor = torch.Tensor
 
-MAX_HEAD_DIM = 256  # the kernels' limit; larger head dims run on the reference
+# The names this module has always exported for the limits (fusedgpt.ops._limits defines them).
+MAX_HEAD_DIM = TRITON_ATTENTION_MAX_HEAD_DIM
+CUDA_HEAD_DIMS = CUDA_ATTENTION_HEAD_DIMS
+
+
+def default_scale(head_dim: int) -> float:
+    """The attention scale when none is given: D^-0.5."""
+    return 1.0 / math.sqrt(head_dim)
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
@@ -103,15 +115,18 @@ _CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "attentio
 if _CUDA_OP_BUILT:
     torch.library.register_fake("fusedgpt::attention")(_attention_fake)
 
-CUDA_HEAD_DIMS = (64, 80, 96, 128)
+def torch_dtypes(names: tuple[str, ...]) -> tuple[torch.dtype, ...]:
+    """("float16", ...) -> (torch.float16, ...): the dtype names of fusedgpt.ops._limits."""
+    return tuple(getattr(torch, name) for name in names)
 
 
 def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
                             cuda_dtypes: tuple[torch.dtype, ...]) -> dict[str, str]:
     """What the attention kernels (prefill and decode) cannot serve: maps "cuda" / "triton" to the reason.
-    The CUDA kernels take head dims 64/80/96/128, B * H <= 65535 and 16-byte aligned tensors whose
-    batch/seq/head strides are whole 16-byte vectors; the Triton kernels head dims up to 256 and
-    B * H <= 65535. What neither can serve runs on the reference."""
+    The CUDA kernels take the head dims of CUDA_ATTENTION_HEAD_DIMS, B * H <= MAX_BATCH_HEADS and 16-byte
+    aligned tensors whose batch/seq/head strides are whole 16-byte vectors; the Triton kernels head dims
+    up to TRITON_ATTENTION_MAX_HEAD_DIM and B * H <= MAX_BATCH_HEADS (fusedgpt.ops._limits). What neither
+    can serve runs on the torch backend."""
     unsupported = kernel_limits(q)
     batch, heads, dim = q.shape[0], q.shape[2], q.shape[3]
     vector = 16 // q.element_size()
@@ -119,20 +134,20 @@ def attention_kernel_limits(q: Tensor, tensors, *, cuda_op_built: bool,
         cuda_reason = "this build of the extension lacks the kernel (rebuild fusedgpt)"
     elif q.dtype not in cuda_dtypes:
         cuda_reason = f"the CUDA kernel takes {[str(d) for d in cuda_dtypes]}, got {q.dtype}"
-    elif dim not in CUDA_HEAD_DIMS:
-        cuda_reason = f"the CUDA kernel takes head dims {CUDA_HEAD_DIMS}, got {dim}"
-    elif batch * heads > 65535:
-        cuda_reason = "the CUDA kernel takes B * H <= 65535"
+    elif dim not in CUDA_ATTENTION_HEAD_DIMS:
+        cuda_reason = f"the CUDA kernel takes head dims {CUDA_ATTENTION_HEAD_DIMS}, got {dim}"
+    elif batch * heads > MAX_BATCH_HEADS:
+        cuda_reason = f"the CUDA kernel takes B * H <= {MAX_BATCH_HEADS}"
     elif any(t is not None and (t.data_ptr() % 16 or any(s % vector for s in t.stride()[:3])) for t in tensors):
         cuda_reason = f"the CUDA kernel needs 16-byte aligned tensors with strides that are multiples of {vector}"
     else:
         cuda_reason = None
     if cuda_reason is not None:
         unsupported.setdefault("cuda", cuda_reason)
-    if dim > MAX_HEAD_DIM:
-        unsupported["triton"] = f"head dim {dim} is above the kernels' limit of {MAX_HEAD_DIM}"
-    elif batch * heads > 65535:  # the launch grid's second axis
-        unsupported["triton"] = "the Triton kernel takes B * H <= 65535"
+    if dim > TRITON_ATTENTION_MAX_HEAD_DIM:
+        unsupported["triton"] = f"head dim {dim} is above the kernels' limit of {TRITON_ATTENTION_MAX_HEAD_DIM}"
+    elif batch * heads > MAX_BATCH_HEADS:  # the launch grid's second axis
+        unsupported["triton"] = f"the Triton kernel takes B * H <= {MAX_BATCH_HEADS}"
     return unsupported
 
 
@@ -155,6 +170,26 @@ def _check(q, k, v, causal, window, scale, kv_start) -> None:
         check_int32_per_sequence(op, "kv_start", kv_start, batch, q.device, allow_cpu=True)
 
 
+def _decide(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor | None, backend: str | None) -> BackendChoice:
+    """The decision for checked arguments (attention_backend's, which attention follows)."""
+    unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
+                                          cuda_dtypes=torch_dtypes(CUDA_ATTENTION_DTYPES))
+    copied = kv_start is not None and kv_start.device != q.device
+    return decide("attention", q.device, backend, unsupported=unsupported, size=q.numel() + k.numel(),
+                  autograd=needs_autograd(q, k, v),
+                  host_read=f"kv_start on {kv_start.device} is copied to {q.device}" if copied else None)
+
+
+def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+                      scale: float | None = None, kv_start: Tensor | None = None,
+                      backend: str | None = None) -> BackendChoice:
+    """Which backend attention(q, k, v, ...) serves this call with, why each other backend cannot, and
+    whether the call is capturable in a CUDA graph (see BackendChoice). The arguments are attention's,
+    checked as it checks them; nothing runs."""
+    _check(q, k, v, causal, window, scale, kv_start)
+    return _decide(q, k, v, kv_start, backend)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
               scale: float | None = None, kv_start: Tensor | None = None, backend: str | None = None) -> Tensor:
     """Fused attention for prompts (prefill).
@@ -167,19 +202,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     kv_start int32 [B] (on q's device; a CPU tensor is copied there): keys before it are left padding;
     a query with no visible key returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
     Backends: "cuda" (float16/bfloat16, D in 64/80/96/128, 16-byte aligned rows), "triton" (any float
-    dtype, D up to 256; float32 with IEEE dots), "torch" (the reference, O(S^2) memory, any D). The
-    kernels are inference-only: calls that need autograd use the reference."""
+    dtype, D up to 256; float32 with IEEE dots), "torch" (SDPA with the mask, O(S^2) memory, any D). The
+    kernels are inference-only: calls that need autograd use the reference. attention_backend(...) says
+    which backend a call gets, and why."""
     _check(q, k, v, causal, window, scale, kv_start)
+    chosen = _decide(q, k, v, kv_start, backend).backend
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     kv_start = kv_start.to(q.device) if kv_start is not None else None  # a CPU one is copied over
-    unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
-                                          cuda_dtypes=(torch.float16, torch.bfloat16))
-    autograd = needs_autograd(q, k, v)
-    chosen = "torch" if autograd else choose_backend("attention", q.device, backend, unsupported=unsupported,
-                                                     size=q.numel() + k.numel())
+    if chosen == "reference":
+        return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
     if chosen == "torch":
-        if autograd:
-            return attention_reference(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
         return _attention_torch(q, k, v, causal, window, scale, kv_start)
     if chosen == "cuda":
         return torch.ops.fusedgpt.attention(q, k, v, causal, window, scale, kv_start)

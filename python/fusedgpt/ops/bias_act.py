@@ -1,7 +1,8 @@
 """bias_act: fused bias + activation, y = act(x + bias), for the MLP of GPT-style blocks.
 
-Contract (CONVENTIONS.md): `bias_act_reference` is the specification; `bias_act` validates, picks a
-backend and runs it. GPU paths: fusedgpt::bias_act (csrc/bias_act/bias_act.cu) and
+Contract (CONVENTIONS.md): `bias_act_reference` is the specification; `bias_act` validates, follows
+`bias_act_backend` (the one decision of which backend serves a call) and runs it; the activations are
+fusedgpt.ops._limits.ACTIVATIONS. GPU paths: fusedgpt::bias_act (csrc/bias_act/bias_act.cu) and
 fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations.
 """
 
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
-from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_float, check_tensor, check_unit_last_stride, check_vector, kernel_limits,
                                   needs_autograd)
-from fusedgpt.triton_kernels.bias_act import ACTIVATIONS, bias_act_fwd
+from fusedgpt.ops._limits import ACTIVATIONS
+from fusedgpt.triton_kernels.bias_act import bias_act_fwd
 
 Tensor = torch.Tensor
 
@@ -64,13 +66,7 @@ if extension_available():
     torch.library.register_fake("fusedgpt::bias_act")(_bias_act_fake)
 
 
-def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | None = None) -> Tensor:
-    """y = activation(x + bias).
-
-    x: [..., N], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous.
-    bias: [N] in x's dtype, or None. activation: "gelu_tanh" (GPT-2 / GPT-Neo), "gelu" (erf) or "relu"
-    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Calls that need autograd
-    take the reference."""
+def _check(x, bias, activation) -> None:
     op = "bias_act"
     check_tensor(op, "x", x, min_rank=1)
     check_float(op, "x", x)
@@ -78,11 +74,36 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
     check_vector(op, "bias", bias, x.shape[-1], "x", x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedgpt.ops.bias_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    autograd = needs_autograd(x, bias)
-    chosen = "torch" if autograd else choose_backend(op, x.device, backend, unsupported=kernel_limits(x),
-                                                     size=x.numel())
+
+
+def _decide(x: Tensor, bias: Tensor | None, backend: str | None) -> BackendChoice:
+    """The decision for checked arguments (bias_act_backend's, which bias_act follows)."""
+    return decide("bias_act", x.device, backend, unsupported=kernel_limits(x), size=x.numel(),
+                  autograd=needs_autograd(x, bias))
+
+
+def bias_act_backend(x: Tensor, bias: Tensor | None, activation: str, *,
+                     backend: str | None = None) -> BackendChoice:
+    """Which backend bias_act(x, bias, activation) serves this call with, and why each other backend
+    cannot (see BackendChoice; every bias_act call is capturable). The arguments are bias_act's, checked
+    as it checks them; nothing runs."""
+    _check(x, bias, activation)
+    return _decide(x, bias, backend)
+
+
+def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | None = None) -> Tensor:
+    """y = activation(x + bias).
+
+    x: [..., N], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous.
+    bias: [N] in x's dtype, or None. activation: "gelu_tanh" (GPT-2 / GPT-Neo), "gelu" (erf) or "relu"
+    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Calls that need autograd
+    take the reference. bias_act_backend(...) says which backend a call gets, and why."""
+    _check(x, bias, activation)
+    chosen = _decide(x, bias, backend).backend
+    if chosen == "reference":
+        return bias_act_reference(x, bias, activation)
     if chosen == "torch":
-        return (bias_act_reference if autograd else _bias_act_torch)(x, bias, activation)
+        return _bias_act_torch(x, bias, activation)
     if chosen == "cuda":
         return torch.ops.fusedgpt.bias_act(x, bias, activation)
     return _bias_act_triton(x, bias, activation)

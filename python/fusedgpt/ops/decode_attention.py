@@ -2,7 +2,9 @@
 KV-cache append fused into the same launch, split along the keys so a single long sequence fills the GPU.
 
 Contract (CONVENTIONS.md): `decode_attention_reference` is the specification; `decode_attention`
-validates, picks a backend and runs it. GPU paths, custom ops that declare the cache mutation:
+validates, follows `decode_attention_backend` (the one decision of which backend serves a call, which
+the generation loop also asks whether its decode step can be captured) and runs it. What each backend
+supports: fusedgpt.ops._limits. GPU paths, custom ops that declare the cache mutation:
     fusedgpt::decode_attention          hand-written CUDA (csrc/decode_attention/)
     fusedgpt::decode_attention_triton   Triton (triton_kernels/decode_attention.py)
 Both take the number of key splits from the host (fusedgpt.triton_kernels.decode_attention.choose_splits).
@@ -18,17 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
-from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_cache_writes, check_head_tensors, check_int32_per_sequence, check_like,
                                   check_same_heads, check_window_and_scale, needs_autograd)
-from fusedgpt.ops.attention import attention_kernel_limits, attention_reference, visible_positions
+from fusedgpt.ops._limits import CUDA_DECODE_ATTENTION_DTYPES, MAX_NEW_TOKENS
+from fusedgpt.ops.attention import (attention_kernel_limits, attention_reference, default_scale, torch_dtypes,
+                                    visible_positions)
 from fusedgpt.ops.kv_append import kv_append_reference
-from fusedgpt.triton_kernels.attention import default_scale
 from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
 
 Tensor = torch.Tensor
-
-MAX_NEW_TOKENS = 16
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, *,
@@ -157,6 +158,48 @@ def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appen
                          f"0 <= cache_lens[b] <= {limit}")
 
 
+def _checks_lengths_on_host(cache_lens: Tensor, check: bool) -> bool:
+    """Whether decode_attention reads cache_lens on the host to check them (not while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and (check or cache_lens.device.type == "cpu")
+
+
+def _decide(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, k: Tensor | None, v: Tensor | None,
+            kv_start: Tensor | None, check: bool, backend: str | None) -> BackendChoice:
+    """The decision for checked arguments (decode_attention_backend's, which decode_attention follows)."""
+    unsupported = attention_kernel_limits(q, (q, k_cache, v_cache, k, v), cuda_op_built=_CUDA_OP_BUILT,
+                                          cuda_dtypes=torch_dtypes(CUDA_DECODE_ATTENTION_DTYPES))
+    if _checks_lengths_on_host(cache_lens, check):
+        host_read = f"cache_lens ({'check=True' if check else 'on the CPU'}) are checked on the host"
+    elif any(t is not None and t.device != q.device for t in (cache_lens, kv_start)):
+        host_read = f"cache_lens or kv_start are copied from the CPU to {q.device}"
+    else:
+        host_read = None
+    return decide("decode_attention", q.device, backend, unsupported=unsupported, size=k_cache.numel(),
+                  autograd=needs_autograd(q, k, v), host_read=host_read,
+                  reference_host_read="it needs autograd: decode_attention_reference reads cache_lens on the host")
+
+
+def decode_attention_backend(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, *,
+                             k: Tensor | None = None, v: Tensor | None = None, window: int | None = None,
+                             scale: float | None = None, kv_start: Tensor | None = None, check: bool = False,
+                             backend: str | None = None, num_splits: int | None = None) -> BackendChoice:
+    """Which backend decode_attention(q, k_cache, v_cache, cache_lens, ...) serves this call with, why each
+    other backend cannot, and whether the call is capturable in a CUDA graph (see BackendChoice): not when
+    it checks cache_lens on the host (check=True or CPU lengths), copies CPU lengths over, or needs
+    autograd (the reference reads the lengths on the host); BackendChoice.host_read says which. The
+    arguments are decode_attention's, checked as it checks them; nothing runs, nothing is read."""
+    _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
+    _check_num_splits(num_splits)
+    return _decide(q, k_cache, v_cache, cache_lens, k, v, kv_start, check, backend)
+
+
+def _check_num_splits(num_splits) -> None:
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= 1024):
+        raise ValueError(f"fusedgpt.ops.decode_attention: num_splits must be an int in [1, 1024] or None, "
+                         f"got {num_splits!r}")
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, *, k: Tensor | None = None,
                      v: Tensor | None = None, window: int | None = None, scale: float | None = None,
                      kv_start: Tensor | None = None, check: bool = False, backend: str | None = None,
@@ -172,27 +215,21 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     before it are padding. scale defaults to D^-0.5. Returns a contiguous [B, T, H, D].
     No host synchronisation on the device path (launch shape from host values only), so a decode step is
     capturable in a CUDA graph and replayable with new cache_lens kept on the device.
-    num_splits overrides the number of key splits (for tests and tuning)."""
+    num_splits overrides the number of key splits (for tests and tuning). decode_attention_backend(...)
+    says which backend a call gets, why, and whether it is capturable."""
     _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= 1024):
-        raise ValueError(f"fusedgpt.ops.decode_attention: num_splits must be an int in [1, 1024] or None, "
-                         f"got {num_splits!r}")
+    _check_num_splits(num_splits)
     tokens, max_len = q.shape[1], k_cache.shape[1]
-    if not torch.compiler.is_compiling() and (check or cache_lens.device.type == "cpu"):
+    if _checks_lengths_on_host(cache_lens, check):
         _check_lengths_in_range(cache_lens, tokens, max_len, appending=k is not None)
+    chosen = _decide(q, k_cache, v_cache, cache_lens, k, v, kv_start, check, backend).backend
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     cache_lens = cache_lens.to(q.device)
     kv_start = kv_start.to(q.device) if kv_start is not None else None
-    unsupported = attention_kernel_limits(q, (q, k_cache, v_cache, k, v), cuda_op_built=_CUDA_OP_BUILT,
-                                          cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    autograd = needs_autograd(q, k, v)
-    chosen = "torch" if autograd else choose_backend("decode_attention", q.device, backend, unsupported=unsupported,
-                                                     size=k_cache.numel())
+    if chosen == "reference":
+        return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
+                                          kv_start=kv_start)
     if chosen == "torch":
-        if autograd:
-            return decode_attention_reference(q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, scale=scale,
-                                              kv_start=kv_start)
         return _decode_attention_torch(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start)
     if chosen == "cuda":
         batch, tokens, heads = q.shape[:3]

@@ -1,7 +1,7 @@
 """kv_append: write new keys and values into a static KV cache in place, K and V in one launch.
 
-Contract (CONVENTIONS.md): `kv_append_reference` is the specification; `kv_append` validates, picks a
-backend and runs it. GPU paths: fusedgpt::kv_append (csrc/kv_append/kv_append.cu) and
+Contract (CONVENTIONS.md): `kv_append_reference` is the specification; `kv_append` validates, follows
+`kv_append_backend` (the one decision of which backend serves a call) and runs it. GPU paths: fusedgpt::kv_append (csrc/kv_append/kv_append.cu) and
 fusedgpt::kv_append_triton (triton_kernels/kv_append.py): custom ops that declare the cache mutation
 in their schema (Tensor(a!)) and return nothing.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fusedgpt._extension import extension_available
-from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_cache_writes, check_head_tensors, check_int32_per_sequence, check_like,
                                   check_same_heads, kernel_limits)
 from fusedgpt.triton_kernels.kv_append import kv_append_fwd
@@ -90,6 +90,34 @@ def _check_positions_in_range(positions: Tensor, tokens: int, max_len: int) -> N
                          f"of length {max_len} needs 0 <= positions[b] <= {max_start}")
 
 
+def _checks_positions_on_host(positions: Tensor, check: bool) -> bool:
+    """Whether kv_append reads positions on the host to check them (not while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and (check or positions.device.type == "cpu")
+
+
+def _decide(k_cache: Tensor, k: Tensor, positions: Tensor, check: bool, backend: str | None) -> BackendChoice:
+    """The decision for checked arguments (kv_append_backend's, which kv_append follows). The reference
+    serves as the torch backend (it is sync-free), so autograd changes nothing here."""
+    if _checks_positions_on_host(positions, check):
+        host_read = f"positions ({'check=True' if check else 'on the CPU'}) are checked on the host"
+    elif positions.device != k_cache.device:
+        host_read = f"positions on {positions.device} are copied to {k_cache.device}"
+    else:
+        host_read = None
+    return decide("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache), size=k.numel(),
+                  autograd=False, host_read=host_read)
+
+
+def kv_append_backend(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, *,
+                      check: bool = False, backend: str | None = None) -> BackendChoice:
+    """Which backend kv_append(k_cache, v_cache, k, v, positions, ...) serves this call with, why each
+    other backend cannot, and whether the call is capturable in a CUDA graph (see BackendChoice): not
+    when it checks positions on the host (check=True or CPU positions). The arguments are kv_append's,
+    checked as it checks them; nothing runs, nothing is read."""
+    _check(k_cache, v_cache, k, v, positions)
+    return _decide(k_cache, k, positions, check, backend)
+
+
 def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, *, check: bool = False,
               backend: str | None = None) -> None:
     """Writes k, v into the caches at positions[b] .. positions[b] + T - 1, in place, in one launch.
@@ -101,17 +129,17 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
     their memory (an expanded cache is refused) and k, v must not share memory with them (refused: the
     kernels read and write in one pass); both checks read only pointers and strides.
     A sequence that would not fit is skipped whole; see the module docstring for how the caller learns
-    of it (CPU positions or check=True raise ValueError)."""
+    of it (CPU positions or check=True raise ValueError). kv_append_backend(...) says which backend a
+    call gets, why, and whether it is capturable."""
     _check(k_cache, v_cache, k, v, positions)
     tokens, max_len = k.shape[1], k_cache.shape[1]
-    if torch.compiler.is_compiling():  # a traced graph cannot read values: the kernels' skip still holds
-        if check:
-            raise ValueError("fusedgpt.ops.kv_append: check=True reads positions on the host and cannot be "
-                             "traced by torch.compile; check before the compiled region")
-    elif check or positions.device.type == "cpu":
+    if torch.compiler.is_compiling() and check:  # a traced graph cannot read values: the kernels' skip holds
+        raise ValueError("fusedgpt.ops.kv_append: check=True reads positions on the host and cannot be "
+                         "traced by torch.compile; check before the compiled region")
+    if _checks_positions_on_host(positions, check):
         _check_positions_in_range(positions, tokens, max_len)
+    chosen = _decide(k_cache, k, positions, check, backend).backend
     positions = positions.to(k_cache.device)
-    chosen = choose_backend("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache), size=k.numel())
     if chosen == "torch":
         kv_append_reference(k_cache, v_cache, k, v, positions)
     elif chosen == "cuda":

@@ -1,8 +1,9 @@
 """layer_norm: LayerNorm over the last dim, optionally fused with the residual add of a pre-LN block.
 
-Contract (CONVENTIONS.md): `layer_norm_reference` is the specification; `layer_norm` validates, picks a
-backend (cuda / triton / torch) and runs it; the GPU paths are torch.library custom ops with fake
-implementations:
+Contract (CONVENTIONS.md): `layer_norm_reference` is the specification; `layer_norm` validates, follows
+`layer_norm_backend` (the one decision of which backend, cuda / triton / torch, serves a call) and runs
+it; the hidden-size limit is fusedgpt.ops._limits.MAX_COLUMNS. The GPU paths are torch.library custom
+ops with fake implementations:
     fusedgpt::layer_norm, fusedgpt::add_layer_norm                  (csrc/layer_norm/layer_norm.cu)
     fusedgpt::layer_norm_triton, fusedgpt::add_layer_norm_triton    (triton_kernels/layer_norm.py)
 """
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fusedgpt._extension import extension_available
-from fusedgpt.ops._backend import choose_backend
+from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, check_vector,
                                   kernel_limits, needs_autograd)
-from fusedgpt.triton_kernels.layer_norm import MAX_COLUMNS, layer_norm_fwd
+from fusedgpt.ops._limits import MAX_COLUMNS
+from fusedgpt.triton_kernels.layer_norm import layer_norm_fwd
 
 Tensor = torch.Tensor
 
@@ -102,6 +104,22 @@ def _check(x, weight, bias, eps, residual) -> None:
         raise ValueError(f"fusedgpt.ops.layer_norm: eps must be a non-negative finite number, got {eps!r}")
 
 
+def _decide(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+            backend: str | None) -> BackendChoice:
+    """The decision for checked arguments (layer_norm_backend's, which layer_norm follows)."""
+    return decide("layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel(),
+                  autograd=needs_autograd(x, weight, bias, residual))
+
+
+def layer_norm_backend(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
+                       residual: Tensor | None = None, *, backend: str | None = None) -> BackendChoice:
+    """Which backend layer_norm(x, ...) serves this call with, and why each other backend cannot (see
+    BackendChoice; every layer_norm call is capturable). The arguments are layer_norm's, checked as it
+    checks them; nothing runs."""
+    _check(x, weight, bias, eps, residual)
+    return _decide(x, weight, bias, residual, backend)
+
+
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
                residual: Tensor | None = None, *, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """LayerNorm over the last dim of x, fused with the residual add when `residual` is given.
@@ -110,15 +128,16 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     1 <= C <= 16384. residual: like x (same shape, dtype, device). weight, bias: [C] in x's dtype, or None.
     Returns y = LN(x), or (y, s) with s = x + residual and y = LN(s): the add+norm of a pre-LN block in one
     pass over memory. Outputs are contiguous, in x's dtype; statistics are fp32 on every backend.
-    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend). Calls that need autograd take "torch".
+    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend). Calls that need autograd take the
+    reference. layer_norm_backend(...) says which backend a call gets, and why.
     """
     _check(x, weight, bias, eps, residual)
-    autograd = needs_autograd(x, weight, bias, residual)
-    chosen = "torch" if autograd else choose_backend(
-        "layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel())
+    chosen = _decide(x, weight, bias, residual, backend).backend
     eps = float(eps)
+    if chosen == "reference":
+        return layer_norm_reference(x, weight, bias, eps, residual)
     if chosen == "torch":
-        return (layer_norm_reference if autograd else _layer_norm_torch)(x, weight, bias, eps, residual)
+        return _layer_norm_torch(x, weight, bias, eps, residual)
     if chosen == "cuda":
         if residual is None:
             return torch.ops.fusedgpt.layer_norm(x, weight, bias, eps)

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedgpt.ops.layer_norm import MAX_COLUMNS
 from fusedgpt.patching import gpt2, gpt_neo, opt
 from fusedgpt.patching.attention import ATTENTION_NAME, fusedgpt_attention, fusedgpt_mask
 from fusedgpt.patching.layers import FUSED_ACTIVATIONS, PatchedLayerNorm, mlp_forward
 from fusedgpt.patching.registration import register, register_now_or_on_import, require_transformers
 from fusedgpt.patching.restore import is_recorded, override_forward, restore, set_attention_implementation, swap_class
-from fusedgpt.triton_kernels.layer_norm import MAX_COLUMNS
 
 __all__ = ["patch", "patch_gpt2", "patch_opt", "patch_gpt_neo", "unpatch", "is_patched", "register",
            "require_transformers", "fusedgpt_attention", "fusedgpt_mask", "PatchedLayerNorm", "ATTENTION_NAME",
