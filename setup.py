@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # compute_90 PTX that newer GPUs compile when the library loads. About 2 minutes on 2 cores.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 OLDEST_ARCH = 80  # mma.sync.m16n8k16 on bf16
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]  # also what bench/static_report.py compiles with
 # Listed explicitly (CONVENTIONS.md); tests/test_setup.py checks that every package folder is here.
 PACKAGES = ["fusedgpt", "fusedgpt.ops", "fusedgpt.nn", "fusedgpt.models", "fusedgpt.patching",
             "fusedgpt.triton_kernels", "fusedgpt.data"]
@@ -221,7 +222,7 @@ def cuda_extension_or_reason(environ=os.environ):
         extra_compile_args={
             # Only csrc/ops.cpp (the host compiler) reads the architecture list, as one token.
             "cxx": ["-O3", "-DFUSEDGPT_PYTHON_MODULE", f"-DFUSEDGPT_CUDA_ARCHS={arch_tag(archs)}"],
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": NVCC_FLAGS,
         },
         py_limited_api=False,
     )
