@@ -153,7 +153,7 @@ def _sampling_defaults(model_dir: str) -> tuple[float | None, int | None, float 
 
 
 def _generate(args) -> int:
-    from fusedgpt.generation import check_sampling, generate_with_stats
+    from fusedgpt.generation import GenerationOptions, generate_with_stats
     from fusedgpt.models.loading import resolve_device
     from fusedgpt.models.tiny import TINY_MODEL_DIR
 
@@ -189,7 +189,9 @@ def _generate(args) -> int:
     if args.temperature is None and args.top_k is None and args.top_p is None:
         args.temperature, args.top_k, args.top_p = _sampling_defaults(args.model)
     do_sample = bool(args.temperature) or args.top_k is not None or args.top_p is not None
-    check_sampling(args.max_new_tokens, do_sample, args.temperature or 1.0, args.top_k, args.top_p)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=do_sample,  # checked before loading
+                                temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, sync_every=4)
     tokenizer = fusedgpt.load_tokenizer(args.model)
     model = fusedgpt.from_pretrained(args.model, dtype=dtype, device=device)
     encoded = [tokenizer.encode(prompt).ids for prompt in prompts]
@@ -203,9 +205,7 @@ def _generate(args) -> int:
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)  # left padding
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     stream = _TextStream(tokenizer, len(prompts), args.max_new_tokens, eos, prompts[0])
-    result = generate_with_stats(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens,
-                                 do_sample=do_sample, temperature=args.temperature or 1.0, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, streamer=stream, sync_every=4)
+    result = generate_with_stats(model, input_ids, attention_mask, options, streamer=stream)
     stream.finish()
     if len(prompts) > 1:
         for index, (prompt, row) in enumerate(zip(prompts, result.ids.tolist())):

@@ -9,9 +9,20 @@ graph launch plus the sampling kernels. Whether the step can be captured is deco
 decision (fusedgpt.ops.decode_attention_backend, asked for each layer's call of the step): the one op
 of the step that can read the host, e.g. through its reference, which reads the lengths. The host
 reads the device every `sync_every` tokens only, to stream the new tokens and to stop once every
-sequence has met EOS. The cache [B, S_max, H, D] per layer
-is allocated once per (batch, length bucket, dtype, device) and kept on the model with its graph, so
-repeated calls of the same shape reuse both (model._decode_state).
+sequence has met EOS.
+
+One owner for the cache and its graph: a DecodeState holds the KV cache [B, S_max, H, D] per layer, the
+step's other buffers and the captured step, built for one DecodeKey: batch, length bucket, dtype,
+device, the backend each op call of the step gets (as the ops decide it now: FUSEDGPT_BACKEND changing
+between calls changes it) and the parameters' addresses (which a captured graph reads). decode_state()
+keeps the model's one state (model._decode_state) while its key holds and replaces it otherwise, so
+calls of the same shape reuse both and nothing replays a graph captured for other kernels or weights.
+
+One entry point: generate_with_stats runs the loop and returns the ids with the prefill and decode
+timings (GenerationResult); generate (also GPT.generate, attached here: the models never import this
+module) returns the ids alone. The settings are GenerationOptions' fields, documented and checked
+there once, given as an options object, as keywords, or both (keywords win), as Hugging Face's
+generate takes a GenerationConfig and keyword overrides.
 
 Batches are left-padded: cache slots 0..P-1 hold the padded prompt, kv_start[b] (the row's leading pad
 count) hides the pads from attention, and positions count from the first real token, so every row
@@ -21,21 +32,78 @@ OPT, GPT-Neo: 2048) is a ValueError.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from fusedgpt.models.gpt import GPT, check_input_ids, left_padding
-from fusedgpt.ops import BackendChoice, decode_attention_backend
+from fusedgpt.nn import LayerNorm, LinearAct
+from fusedgpt.ops import BackendChoice, bias_act_backend, decode_attention_backend, layer_norm_backend
 
 Tensor = torch.Tensor
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, so prompts of similar length share a graph
 
 
-@dataclass
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """The settings of one generate call, checked when it is made (ValueError naming the first one out of
+    range; the token ids are checked against the model's vocabulary by the call).
+
+    max_new_tokens: how many tokens to generate after each prompt (fewer only when every row met EOS).
+    do_sample: False (default) is greedy; True draws from softmax(logits / temperature) restricted to
+    the top_k most likely tokens and to the top_p nucleus (None: no restriction), reproducibly given
+    `seed` (a torch.Generator on the model's device; None uses torch's global generator).
+    eos_token_id: int or list (None: the model config's); a row that emits one is finished and
+    continues with pad_token_id (None: the config's, else the first EOS).
+    streamer(tokens): called with the new tokens as a CPU int64 [B, n] chunk, in order, every
+    `sync_every` tokens (the host reads the device then, and only then; it also checks for EOS).
+    cuda_graph: capture the decode step once and replay it (None, the default: on CUDA whenever
+    fusedgpt.ops.decode_attention_backend says every layer's call of the step is capturable; True where
+    it is not, or off CUDA, is a ValueError)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    streamer: Callable[[Tensor], None] | None = None
+    cuda_graph: bool | None = None
+    sync_every: int = 8
+
+    def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not _is_int(self.sync_every) or self.sync_every < 1:
+            raise ValueError(f"sync_every must be a positive int, got {self.sync_every!r}")
+        if self.cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph must be True, False or None, got {self.cuda_graph!r}")
+        if self.streamer is not None and not callable(self.streamer):
+            raise TypeError(f"streamer must be callable or None, got {type(self.streamer).__name__}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an int in [0, 2^64), got {self.seed!r}")
+        if not self.do_sample:
+            return
+        temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} "
+                             "(greedy decoding is do_sample=False)")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+@dataclasses.dataclass
 class GenerationResult:
     """ids [B, P + N'] (N' <= max_new_tokens: fewer when every row met EOS); the timings behind the
     tokens/s that `fusedgpt generate` prints. decode_tokens counts B tokens per decode step."""
@@ -47,21 +115,35 @@ class GenerationResult:
     decode_seconds: float
 
 
-class DecodeState:
-    """The static buffers of one (batch, cache length, dtype, device): the KV cache, cache_lens and
-    kv_start (device int32 [B]), the step's input tokens [B] and, on a GPU, the captured step."""
+class DecodeKey(NamedTuple):
+    """Everything a DecodeState's buffers and captured step depend on. batch, cache_len (the length
+    bucket), dtype, device: the buffers' shape and place. backends: the backend of each op call of the
+    step, as the ops decide it for the step's arguments (decode_key). weights: the address of every
+    parameter, which a captured graph reads (model.half().float() moves them)."""
 
-    def __init__(self, model: GPT, batch: int, max_len: int):
+    batch: int
+    cache_len: int
+    dtype: torch.dtype
+    device: torch.device
+    backends: tuple[str, ...]
+    weights: tuple[int, ...]
+
+
+class DecodeState:
+    """The static buffers of one DecodeKey: the KV cache, cache_lens and kv_start (device int32 [B]), the
+    step's input tokens [B] and, on a GPU, the captured step. Build it through decode_state()."""
+
+    def __init__(self, model: GPT, batch: int, cache_len: int):
         config = model.config
-        shape = (batch, max_len, config.num_heads, config.head_dim)  # (B, S_max, H, D)
+        shape = (batch, cache_len, config.num_heads, config.head_dim)  # (B, S_max, H, D)
         options = dict(dtype=model.dtype, device=model.device)
-        self.key = (batch, max_len, model.dtype, model.device)
         self.cache = [(torch.empty(shape, **options), torch.empty(shape, **options)) for _ in model.blocks]
         self.cache_lens = torch.zeros(batch, dtype=torch.int32, device=model.device)
         self.kv_start = torch.zeros(batch, dtype=torch.int32, device=model.device)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: Tensor | None = None
+        self.key = decode_key(model, self)
 
     def step(self, model: GPT, use_graph: bool) -> Tensor:
         """Logits [B, V] of self.tokens at slot cache_lens; appends them to the cache, advances cache_lens."""
@@ -100,6 +182,38 @@ def decode_step_backends(model: GPT, state: DecodeState) -> list[BackendChoice]:
     return [decode_attention_backend(q, k_cache, v_cache, state.cache_lens, k=k, v=v, window=block.window,
                                      scale=block.scale, kv_start=state.kv_start)
             for block, (k_cache, v_cache) in zip(model.blocks, state.cache)]
+
+
+def decode_key(model: GPT, state: DecodeState) -> DecodeKey:
+    """The key of a decode step of `model` over `state`'s buffers, now. Its backends are the ops' own
+    decisions for the step's calls: decode_attention per layer (decode_step_backends), then layer_norm
+    for each fusedgpt.nn.LayerNorm and bias_act for each LinearAct of the model, asked with a step's
+    activations ([B, 1, C] and [B, 1, ffn_size], as the step computes them)."""
+    batch, cache_len = state.cache[0][0].shape[:2]
+    options = dict(dtype=model.dtype, device=model.device)
+    hidden = torch.zeros(batch, 1, model.config.hidden_size, **options)  # (B, 1, C)
+    residual = torch.zeros_like(hidden)  # (B, 1, C)
+    inner = torch.zeros(batch, 1, model.config.ffn_size, **options)  # (B, 1, F)
+    backends = [choice.backend for choice in decode_step_backends(model, state)]
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            backends.append(layer_norm_backend(hidden, module.weight, module.bias, module.eps, residual).backend)
+        elif isinstance(module, LinearAct):
+            backends.append(bias_act_backend(inner, module.bias, module.activation).backend)
+    return DecodeKey(batch, cache_len, model.dtype, model.device, tuple(backends),
+                     tuple(parameter.data_ptr() for parameter in model.parameters()))
+
+
+def decode_state(model: GPT, batch: int, cache_len: int) -> DecodeState:
+    """The DecodeState for a call of `model` with this batch and cache length: the model's current one
+    (model._decode_state: one at a time) while its key holds, else a new one that replaces it."""
+    state = getattr(model, "_decode_state", None)
+    if (state is not None and state.key[:4] == (batch, cache_len, model.dtype, model.device)
+            and decode_key(model, state) == state.key):
+        return state
+    model._decode_state = state = None  # free the old cache and graph before allocating the new ones
+    model._decode_state = DecodeState(model, batch, cache_len)
+    return model._decode_state
 
 
 def capture_blocker(choices: list[BackendChoice]) -> str | None:
@@ -142,39 +256,13 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
     return logits
 
 
-def sample(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> Tensor:
+
+def sample(logits: Tensor, options: GenerationOptions, generator: torch.Generator | None) -> Tensor:
     """The next token per row [B]: argmax (greedy), or a draw from the filtered distribution. No host sync."""
-    if not do_sample:
+    if not options.do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    probs = torch.softmax(filter_logits(logits, options.temperature, options.top_k, options.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every=1) -> None:
-    """Raises ValueError naming the first generation setting that is out of range."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
-    if not do_sample:
-        return
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0 when sampling, got {temperature!r} "
-                         "(greedy decoding is do_sample=False)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-
-
-def _decode_state(model: GPT, batch: int, max_len: int) -> DecodeState:
-    """The model's cached DecodeState for this shape, or a new one (replacing the old: one at a time)."""
-    state = getattr(model, "_decode_state", None)
-    if state is None or state.key != (batch, max_len, model.dtype, model.device):
-        model._decode_state = None  # free the old cache and graph before allocating the new ones
-        state = model._decode_state = DecodeState(model, batch, max_len)
-    return state
 
 
 def _synchronize(device: torch.device) -> None:
@@ -182,46 +270,55 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _options(options: GenerationOptions | None, settings: dict) -> GenerationOptions:
+    if options is None:
+        return GenerationOptions(**settings)
+    if not isinstance(options, GenerationOptions):
+        raise TypeError(f"options must be a fusedgpt.generation.GenerationOptions or None, got "
+                        f"{type(options).__name__} (the settings are keyword arguments)")
+    return dataclasses.replace(options, **settings) if settings else options
+
+
 @torch.inference_mode()
-def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                        max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                        streamer: Callable[[Tensor], None] | None = None, cuda_graph: bool | None = None,
-                        sync_every: int = 8) -> GenerationResult:
-    """generate(), returning the ids with the prefill and decode timings (see GenerationResult)."""
+def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | None = None,
+                        options: GenerationOptions | None = None, **settings) -> GenerationResult:
+    """Generates after each prompt and returns the ids with the prefill and decode timings.
+
+    input_ids [B, P] (int64 or int32) on the model's device; attention_mask [B, P] of 0/1, left-padded
+    (None: no padding). The settings are GenerationOptions' fields (greedy, 32 new tokens by default),
+    as `options`, as keywords (an unknown one is a TypeError), or both: keywords override `options`.
+    Returns GenerationResult: ids [B, P + N] (int64, on the model's device), N < max_new_tokens only when
+    every row met EOS first, as Hugging Face's generate does; generate() returns the ids alone."""
+    options = _options(options, settings)
     check_input_ids(input_ids, model.config.vocab_size)
-    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, sync_every)
     device = model.device
     if input_ids.device != device:
         raise ValueError(f"input_ids must be on the model's device ({device}), got {input_ids.device}")
     batch, prompt_len = input_ids.shape
+    max_new_tokens = options.max_new_tokens
     kv_start = left_padding(attention_mask, input_ids)
     lengths = [prompt_len] * batch if kv_start is None else (prompt_len - kv_start).tolist()
     if min(lengths) == 0:
         raise ValueError(f"attention_mask row {lengths.index(0)} has no tokens: every prompt needs at least one")
     model.check_positions(max(lengths) + max_new_tokens, f"the prompt ({max(lengths)} tokens) + max_new_tokens "
                                                          f"({max_new_tokens})")
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = model.config.eos_token_id if options.eos_token_id is None else options.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
+    pad = options.pad_token_id if options.pad_token_id is not None else model.config.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
     vocab = model.config.vocab_size
     for name, token in [("pad_token_id", pad)] + [("eos_token_id", token) for token in eos]:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+        if not _is_int(token) or not 0 <= token < vocab:
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {token!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
-    if cuda_graph and device.type != "cuda":  # before the cache is allocated
+    if options.cuda_graph and device.type != "cuda":  # before the cache is allocated
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-    generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
+    generator = None
+    if options.do_sample and options.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
 
-    def pick(logits):
-        return sample(logits, do_sample, temperature, top_k, top_p, generator)
-
-    max_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    state = _decode_state(model, batch, max_len)
-    cuda_graph = use_cuda_graph(cuda_graph, device, capture_blocker(decode_step_backends(model, state)))
+    cache_len = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    state = decode_state(model, batch, cache_len)
+    cuda_graph = use_cuda_graph(options.cuda_graph, device, capture_blocker(decode_step_backends(model, state)))
     state.kv_start.copy_(kv_start if kv_start is not None else torch.zeros_like(state.kv_start))
     state.cache_lens.fill_(prompt_len)
     eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
@@ -229,21 +326,21 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
     out = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.int64, device=device)
     out[:, :prompt_len] = input_ids
 
-    def emit(step: int, token: Tensor) -> None:  # device-side EOS bookkeeping, no sync
-        token = torch.where(finished, pad, token)
+    def emit(step: int, logits: Tensor) -> None:  # sampling and device-side EOS bookkeeping, no sync
+        token = torch.where(finished, pad, sample(logits, options, generator))
         finished.logical_or_(torch.isin(token, eos_ids))
         out[:, prompt_len + step] = token
         state.tokens.copy_(token)
 
     start = time.perf_counter()
-    emit(0, pick(model.prefill(input_ids, kv_start, state.cache)))
+    emit(0, model.prefill(input_ids, kv_start, state.cache))
     _synchronize(device)
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     done_at = [None] * batch  # per row: index of its EOS among the new tokens (host bookkeeping)
     flushed, produced = 0, 1
     while True:
-        if produced == max_new_tokens or produced % sync_every == 0:  # the only host reads
+        if produced == max_new_tokens or produced % options.sync_every == 0:  # the only host reads
             chunk = out[:, prompt_len + flushed:prompt_len + produced].cpu()  # (B, n)
             is_eos = torch.isin(chunk, torch.tensor(eos, dtype=torch.int64))  # (B, n)
             for row in range(batch):
@@ -253,12 +350,12 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
             if all(index is not None for index in done_at):
                 produced = max(done_at) + 1  # every row has stopped: trim the tail of pads
                 chunk = chunk[:, :produced - flushed]
-            if streamer is not None and chunk.shape[1]:
-                streamer(chunk)
+            if options.streamer is not None and chunk.shape[1]:
+                options.streamer(chunk)
             flushed = produced
             if produced == max_new_tokens or all(index is not None for index in done_at):
                 break
-        emit(produced, pick(state.step(model, cuda_graph)))
+        emit(produced, state.step(model, cuda_graph))
         produced += 1
     _synchronize(device)
     decode_seconds = time.perf_counter() - start
@@ -267,25 +364,13 @@ def generate_with_stats(model: GPT, input_ids: Tensor, attention_mask: Tensor | 
                             decode_seconds=decode_seconds)
 
 
-def generate(model: GPT, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int = 32,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, streamer: Callable[[Tensor], None] | None = None,
-             cuda_graph: bool | None = None, sync_every: int = 8) -> Tensor:
-    """Generates up to max_new_tokens after each prompt; returns ids [B, P + N] (int64, on the model's
-    device), N < max_new_tokens only when every row met EOS first, as Hugging Face's generate does.
+def generate(model: GPT, input_ids: Tensor, attention_mask: Tensor | None = None,
+             options: GenerationOptions | None = None, **settings) -> Tensor:
+    """generate_with_stats(model, input_ids, attention_mask, options, **settings).ids: ids [B, P + N]
+    alone. model.generate(input_ids, ...) is this function; the settings are GenerationOptions'."""
+    return generate_with_stats(model, input_ids, attention_mask, options, **settings).ids
 
-    input_ids [B, P] on the model's device; attention_mask [B, P] of 0/1, left-padded (None: no padding).
-    Greedy by default; do_sample=True draws from softmax(logits / temperature) restricted to the top_k
-    tokens and to the top_p nucleus, reproducibly given `seed` (a torch.Generator on the device; None
-    uses torch's global generator). eos_token_id: int or list (None: the model config's); a row that
-    emits one is finished and continues with pad_token_id (None: the config's, else the first EOS).
-    streamer(tokens): called with the new tokens as a CPU int64 [B, n] chunk, in order, every
-    `sync_every` tokens (the host reads the device then, and only then; it also checks for EOS).
-    cuda_graph: capture the decode step once and replay it (default: on CUDA whenever
-    fusedgpt.ops.decode_attention_backend says every layer's call of the step is capturable; True where
-    it is not is a ValueError)."""
-    return generate_with_stats(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                               do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
-                               cuda_graph=cuda_graph, sync_every=sync_every).ids
+
+# model.generate(...) is generate(model, ...). Attached here, not defined in models/gpt.py, so that the
+# models never import generation (fusedgpt's __init__ imports this module, so every GPT has it).
+GPT.generate = generate

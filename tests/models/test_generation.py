@@ -1,8 +1,13 @@
 """fusedgpt.generation: greedy generation token-identical to transformers' generate (float32, CPU,
 32 new tokens on the reference ops, fewer on the Triton interpreter) with left-padded batches; EOS per
 sequence as Hugging Face stops; the sampling filters against Hugging Face's warpers; seeds; top-k /
-top-p restrict the draws; streaming; the static cache reused across calls; the position limit and bad
-arguments; `fusedgpt generate` on a tiny checkpoint; CUDA-graph replay against eager steps (gpu)."""
+top-p restrict the draws; streaming; the static cache reused across calls, and replaced when the
+backend or the weights change; settings as GenerationOptions and keywords; the position limit and bad
+arguments; models never import generation; `fusedgpt generate` on a tiny checkpoint; CUDA-graph replay
+against eager steps (gpu)."""
+
+import ast
+import pathlib
 
 import pytest
 import torch
@@ -12,8 +17,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 import fusedgpt
 from fusedgpt.cli import main
-from fusedgpt.generation import (DecodeState, capture_blocker, decode_step_backends, filter_logits, generate,
-                                 generate_with_stats, use_cuda_graph)
+from fusedgpt.generation import (DecodeState, GenerationOptions, capture_blocker, decode_step_backends, filter_logits,
+                                 generate, generate_with_stats, use_cuda_graph)
 from fusedgpt.models import from_config
 from fusedgpt.models.tiny import train_tokenizer
 
@@ -117,6 +122,87 @@ def test_static_cache_is_reused_and_replaced(monkeypatch):
     model.generate(ids[:1], mask[:1], max_new_tokens=6)  # another batch size: a new cache
     assert model._decode_state is not state
     assert torch.equal(model.generate(ids, mask, max_new_tokens=6), first)
+
+
+def test_a_backend_change_gets_a_new_state(monkeypatch):
+    """FUSEDGPT_BACKEND changing between calls changes the key (the backend each op of the step gets): the
+    second call does not reuse the state, nor would it replay a graph, captured on the first backend."""
+    hf = hf_model("gpt2")
+    model = fusedgpt.from_hf(hf)
+    ids, mask = left_padded([5, 3])
+    expected = _hf_greedy(hf, ids, mask, 3)
+    set_backend(monkeypatch, "torch", "cpu")
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=3), expected)
+    on_torch = model._decode_state
+    # 2 layers: decode_attention each, then every LayerNorm (2 per block + ln_final) and LinearAct (1 per block)
+    assert on_torch.key.backends == ("torch",) * (2 + 5 + 2)
+    set_backend(monkeypatch, "triton", "cpu")  # the Triton kernels, interpreted (conftest)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=3), expected)
+    on_triton = model._decode_state
+    assert on_triton is not on_torch and on_triton.key.backends == ("triton",) * 9
+    assert on_triton.key[:4] == on_torch.key[:4]  # only the backends differ
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=3), expected) and model._decode_state is on_triton
+
+
+def test_moved_weights_get_a_new_state(monkeypatch):
+    """A captured graph reads the parameters by address: new parameter storage (here a round trip
+    through float64) is a new key, and the results follow the new parameters."""
+    set_backend(monkeypatch, "torch", "cpu")
+    model = fusedgpt.from_hf(hf_model("opt"))
+    ids, mask = left_padded([6, 4])
+    first = model.generate(ids, mask, max_new_tokens=5)
+    state = model._decode_state
+    model.double().float()
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5), first)
+    assert model._decode_state is not state and model._decode_state.key.weights != state.key.weights
+    state = model._decode_state
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(-1.0)  # in place: the same addresses, so the same state
+    assert not torch.equal(model.generate(ids, mask, max_new_tokens=5), first) and model._decode_state is state
+
+
+def test_settings_as_options_keywords_or_both(monkeypatch):
+    set_backend(monkeypatch, "torch", "cpu")
+    model = fusedgpt.from_hf(hf_model("gpt_neo"))
+    ids, mask = left_padded([4, 7])
+    options = GenerationOptions(max_new_tokens=6, do_sample=True, temperature=1.5, seed=5)
+    sampled = model.generate(ids, mask, options)
+    assert sampled.shape == (2, 7 + 6)
+    assert torch.equal(sampled, model.generate(ids, mask, max_new_tokens=6, do_sample=True, temperature=1.5, seed=5))
+    assert torch.equal(model.generate(ids, mask, options, max_new_tokens=3), sampled[:, :7 + 3])  # keywords win
+    result = generate_with_stats(model, ids, mask, options, do_sample=False)
+    assert torch.equal(result.ids, model.generate(ids, mask, max_new_tokens=6)) and result.decode_tokens == 2 * 5
+    with pytest.raises(TypeError, match="max_tokens"):
+        model.generate(ids, mask, max_tokens=4)
+    with pytest.raises(TypeError, match="options must be a fusedgpt.generation.GenerationOptions or None, got int"):
+        model.generate(ids, mask, 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int, got 0"):
+        GenerationOptions(max_new_tokens=0)  # checked when made, before any model runs
+    with pytest.raises(ValueError, match="top_k must be a positive int or None"):
+        model.generate(ids, mask, options, top_k=0)
+
+
+def test_models_never_import_generation():
+    """Data flows down, imports point down: no module of fusedgpt.models imports generation, the CLI or
+    patching, at the top or inside a function; GPT.generate is generation's own function."""
+    above = ("fusedgpt.generation", "fusedgpt.cli", "fusedgpt.patching")
+    folder = pathlib.Path(fusedgpt.models.__file__).parent
+    package = ["fusedgpt", "models"]
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):  # `from fusedgpt import generation` names fusedgpt.generation
+                base = package[:len(package) + 1 - node.level] if node.level else []  # relative: from here
+                module = ".".join(base + ([node.module] if node.module else []))
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [(path.name, node.lineno, name) for name in names
+                      if any(name == module or name.startswith(module + ".") for module in above)]
+    assert not found, f"fusedgpt.models imports from above it: {found}"
+    assert fusedgpt.models.GPT.generate is generate
 
 
 def test_position_limit_and_bad_arguments_are_errors(monkeypatch):

@@ -1,8 +1,9 @@
 """The one decoder behind fusedgpt's GPT-2, OPT and GPT-Neo models: learned positions, pre-LN or
 post-LN blocks (OPT-350m), optional project_in / project_out (OPT's narrow embedding), per-layer
 attention scale and window (GPT-2's inverse-layer scaling, GPT-Neo's local layers), tied or separate
-lm_head. The family adapters (gpt2.py, opt.py, gpt_neo.py) only turn a Hugging Face config into a
-GPTConfig and a checkpoint into this module's state dict.
+lm_head. The family adapters (gpt2.py, opt.py, gpt_neo.py, with convert.py) only turn a Hugging Face
+config into a GPTConfig and a checkpoint into this module's state dict. The generation loop
+(fusedgpt.generation) builds on prefill and decode_step; this module does not know it.
 
 The block runs on fusedgpt's fused ops: fusedgpt.nn.LayerNorm with the residual add folded in,
 fusedgpt.nn.LinearAct (bias + GELU-tanh / ReLU in one kernel), one fused QKV projection whose output is
@@ -89,52 +90,6 @@ class GPTConfig:
         return self.embed_size or self.hidden_size
 
 
-# Hugging Face activation names -> fusedgpt.ops.bias_act's (gelu_fast is the same tanh formula).
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                  "gelu": "gelu", "relu": "relu"}
-
-
-def hf_setting(hf_config: dict, defaults: dict, *names: str):
-    """The first of `names` present in a Hugging Face config dict, else the class default for names[0]
-    (config.json files written by old transformers versions omit settings added later)."""
-    for name in names:
-        if name in hf_config:
-            return hf_config[name]
-    return defaults[names[0]]
-
-
-def activation_from_hf(name: str) -> str:
-    if name not in HF_ACTIVATIONS:
-        raise ValueError(f"activation_function {name!r} is not supported; fusedgpt runs {sorted(HF_ACTIVATIONS)}")
-    return HF_ACTIVATIONS[name]
-
-
-def take(state: dict, key: str) -> Tensor:
-    """Removes and returns state[key]; a missing key is a KeyError naming it."""
-    if key not in state:
-        raise KeyError(f"the checkpoint has no tensor {key!r}")
-    return state.pop(key)
-
-
-def take_gpt2_style_ends(state: dict, prefix: str) -> dict:
-    """The token / position embeddings and final norm of GPT-2-style checkpoints (GPT-2, GPT-Neo):
-    wte, wpe, ln_f under `prefix` -> GPT's names (removed from `state`)."""
-    return {
-        "embed_tokens.weight": take(state, prefix + "wte.weight"),
-        "embed_positions.weight": take(state, prefix + "wpe.weight"),
-        "ln_final.weight": take(state, prefix + "ln_f.weight"),
-        "ln_final.bias": take(state, prefix + "ln_f.bias"),
-    }
-
-
-def take_lm_head(state: dict, out: dict, config: GPTConfig) -> None:
-    """Moves lm_head.weight into `out` unless the embeddings are tied (then a saved copy is dropped)."""
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    else:
-        out["lm_head.weight"] = take(state, "lm_head.weight")
-
-
 def left_padding(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
     """kv_start int32 [B]: the number of leading pad tokens per sequence (None without a mask).
 
@@ -212,7 +167,8 @@ class GPT(nn.Module):
     """A GPT-style causal LM (GPT-2, OPT, GPT-Neo) on fusedgpt's kernels.
 
     forward(input_ids [B, S], attention_mask [B, S] left-padded or None) -> logits [B, S, V] in the
-    model's dtype (full forward, no cache). generate(...) -> ids [B, P + N] (fusedgpt.generation).
+    model's dtype (full forward, no cache). prefill / decode_step: the two halves of generation over a
+    static KV cache. generate(...) -> ids [B, P + N] is fusedgpt.generation.generate, attached there.
     Parameters: embed_tokens [V, E], embed_positions [max_positions + offset, C], project_in [C, E] and
     project_out [E, C] when E != C, blocks.{i}.(ln_attn, qkv [3C, C], out, ln_mlp, fc_in, fc_out),
     ln_final, lm_head [V, E] unless tied to embed_tokens."""
@@ -305,12 +261,6 @@ class GPT(nn.Module):
         hidden = self.blocks_forward(self.embed(tokens[:, None], positions), kv_start, cache, cache_lens)
         cache_lens.add_(1)
         return self.logits(hidden[:, -1])
-
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Greedy by default; see fusedgpt.generation.generate for the arguments."""
-        from fusedgpt.generation import generate  # generation builds on the model, not the reverse
-
-        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:

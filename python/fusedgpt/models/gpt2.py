@@ -1,5 +1,5 @@
 """GPT-2 (small to XL) as a fusedgpt GPT: the Hugging Face config's settings and the checkpoint's
-tensors mapped onto models/gpt.py. Nothing else lives here.
+tensors mapped onto models/gpt.py (with convert.py's shared helpers). Nothing else lives here.
 
 GPT-2 specifics: Conv1D weights are stored [in, out] (transposed here to Linear's [out, in]); gelu_new
 is bias_act's "gelu_tanh"; scale_attn_weights (D^-0.5, else 1) and scale_attn_by_inverse_layer_idx
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import (GPTConfig, activation_from_hf, hf_setting, take, take_gpt2_style_ends,
-                                 take_lm_head)
+from fusedgpt.models.convert import activation_from_hf, hf_setting, take, take_gpt2_style_ends, take_lm_head
+from fusedgpt.models.gpt import GPTConfig
 
 MODEL_TYPE = "gpt2"
 

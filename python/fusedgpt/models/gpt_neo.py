@@ -1,5 +1,5 @@
 """GPT-Neo (125M to 2.7B) as a fusedgpt GPT: the Hugging Face config's settings and the checkpoint's
-tensors mapped onto models/gpt.py. Nothing else lives here.
+tensors mapped onto models/gpt.py (with convert.py's shared helpers). Nothing else lives here.
 
 GPT-Neo specifics: attention_layers (or attention_types, e.g. [[["global", "local"], 12]]) makes each
 layer global or local; a local layer sees the last window_size (256) keys, i.e. a query at p sees keys
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import (GPTConfig, activation_from_hf, hf_setting, take, take_gpt2_style_ends,
-                                 take_lm_head)
+from fusedgpt.models.convert import activation_from_hf, hf_setting, take, take_gpt2_style_ends, take_lm_head
+from fusedgpt.models.gpt import GPTConfig
 
 MODEL_TYPE = "gpt_neo"
 

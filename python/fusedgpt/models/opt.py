@@ -1,5 +1,5 @@
 """OPT (125m to 66b) as a fusedgpt GPT: the Hugging Face config's settings and the checkpoint's
-tensors mapped onto models/gpt.py. Nothing else lives here.
+tensors mapped onto models/gpt.py (with convert.py's shared helpers). Nothing else lives here.
 
 OPT specifics: learned positions with an offset of 2 (rows 0 and 1 of embed_positions are never used
 by real tokens); ReLU; do_layer_norm_before=False (opt-350m) is the post-LN block, and then there is
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedgpt.models.gpt import GPTConfig, activation_from_hf, hf_setting, take, take_lm_head
+from fusedgpt.models.convert import activation_from_hf, hf_setting, take, take_lm_head
+from fusedgpt.models.gpt import GPTConfig
 
 MODEL_TYPE = "opt"
 

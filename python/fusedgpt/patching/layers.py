@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from fusedgpt.models.gpt import HF_ACTIVATIONS
+from fusedgpt.models.convert import HF_ACTIVATIONS
 from fusedgpt.nn import LayerNorm
 from fusedgpt.ops import bias_act
 
