@@ -1,6 +1,11 @@
 // Shared helpers for fusedgpt's CUDA kernels: argument checks with messages that name the argument,
-// 16-byte vector access, dtype dispatch and block reductions. Light includes only (no
-// ATen/cuda/CUDAContext.h: it drags in cuBLAS/cuSPARSE headers a minimal CUDA toolkit lacks).
+// 16-byte vector access, dtype dispatch and block reductions, and (from intrinsics.h) the wrappers of
+// the device intrinsics. Light includes only (no ATen/cuda/CUDAContext.h: it drags in cuBLAS/cuSPARSE
+// headers a minimal CUDA toolkit lacks).
+// The kernels also run on the CPU, in the SIMT emulator of tests/simt; intrinsics.h is the one file of
+// csrc/ that knows it. Every new intrinsic (inline PTX: cp.async, ldmatrix, another mma, ...) gets its
+// emulator twin and selftest in tests/simt first, then a wrapper in intrinsics.h that kernels call;
+// intrinsics.h's header spells out the rule.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +19,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "intrinsics.h"
 #include "op_limits.h"
 
 namespace fusedgpt {
@@ -49,10 +55,10 @@ inline void check_unit_last_stride(const char* op, const at::Tensor& t, const ch
 // reports its bad arguments (testable without a GPU) and then this clear error, never a launch.
 // Under the CPU emulator of the kernels (tests/simt) CPU tensors stand for device memory.
 inline void require_cuda(const char* op, const at::Tensor& t, const char* name) {
-#ifndef FUSEDGPT_SIMT_EMULATION
-  FUSEDGPT_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device(),
-                 " (fusedgpt.ops.* routes CPU tensors to the PyTorch reference)");
-#endif
+  if constexpr (!kSimtEmulation) {
+    FUSEDGPT_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device(),
+                   " (fusedgpt.ops.* routes CPU tensors to the PyTorch reference)");
+  }
 }
 
 // ---- vectors ---------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@
 #include <cmath>
 
 #include "attention/attention.h"
+#include "intrinsics.h"
 
 namespace fusedgpt::attention {
 
+// pack(lo, hi): two floats rounded to Element in one 32-bit word, lo in the low half (an mma fragment
+// register); the mma itself is intrinsics.h's mma_m16n8k16.
 template <typename Element>
 struct ElementOps;
 
@@ -25,18 +28,6 @@ struct ElementOps<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  // c += a * b for one m16n8k16 tile (row-major A, column-major B, fp32 accumulators).
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef FUSEDGPT_SIMT_EMULATION
-    ::simt::mma_m16n8k16<__half>(c, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
 };
 
 template <>
@@ -44,17 +35,6 @@ struct ElementOps<__nv_bfloat16> {
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef FUSEDGPT_SIMT_EMULATION
-    ::simt::mma_m16n8k16<__nv_bfloat16>(c, a, b);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
   }
 };
 
@@ -153,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
       for (int j = 0; j < kKeyTiles; ++j) {
         const Element* key_row = &k_tile[(j * 8 + group) * kKStride + s * 16 + quad * 2];
         const uint32_t b_frag[2] = {load_pair(key_row), load_pair(key_row + 8)};
-        Ops::mma(s_acc[j], q_frag[s], b_frag);
+        mma_m16n8k16<Element>(s_acc[j], q_frag[s], b_frag);
       }
     }
 
@@ -215,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
       for (int t = 0; t < kDimTiles; ++t) {
         const Element* dim_row = &vt_tile[(t * 8 + group) * kVtStride + s * 16 + quad * 2];
         const uint32_t b_frag[2] = {load_pair(dim_row), load_pair(dim_row + 8)};
-        Ops::mma(o_acc[t], p_frag, b_frag);
+        mma_m16n8k16<Element>(o_acc[t], p_frag, b_frag);
       }
     }
   }

@@ -19,6 +19,16 @@
 // a wrong result here. Not emulated: memory ordering between threads without a barrier (races), timing,
 // and anything a real GPU adds (compute-sanitizer on a GPU covers those).
 //
+// The kernels know nothing of this header: csrc/intrinsics.h is the one file of csrc/ that tests
+// FUSEDGPT_SIMT_EMULATION (defined below) or calls into namespace simt, and it holds the kernels' only
+// inline PTX, each intrinsic behind a wrapper (mma_m16n8k16) whose emulator twin is here
+// (tests/test_kernel_sources.py checks all three). Every new intrinsic (inline PTX: cp.async, ldmatrix,
+// another mma shape or type, ...) gets its twin here first, defined from the PTX ISA rather than from
+// the kernel that will use it, with a selftest kernel in selftest.cpp that tests/ops/test_cuda_emulated.py
+// checks; then its wrapper in csrc/intrinsics.h, which the kernel calls. CUDA C++ built-ins keep their
+// names (defined at the bottom of this file); a new one, or a use rejected here (another shuffle mask or
+// width), is emulated and selftested here first too.
+//
 // Memory counters, in the build with FUSEDGPT_SIMT_COUNT=1 (memory_counters.cpp): gcc's ThreadSanitizer
 // instrumentation, linked with no sanitizer runtime, calls back before every load and store of the
 // library's code that may touch memory (not the registers it keeps); those a kernel's thread makes are

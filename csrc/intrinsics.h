@@ -1,0 +1,65 @@
+// The device intrinsics of fusedgpt's kernels that CUDA C++ gives no function for (today: the tensor
+// cores' mma.sync m16n8k16), each behind one wrapper, and the one file of csrc/ that knows about the CPU
+// emulator of the kernels (tests/simt/simt.h, force-included by that build, defines
+// FUSEDGPT_SIMT_EMULATION): on the GPU a wrapper is its inline PTX, in the emulator it calls its twin in
+// namespace ::simt. Kernel sources call the wrappers and carry no emulator #ifdef, no ::simt:: and no
+// inline asm (tests/test_kernel_sources.py fails otherwise). common.h includes this header; the attention
+// instantiation files include it alone: CUDA headers only, since common.h's ATen headers would add
+// about 6 s of host compilation to each of them.
+//
+// The rule for a new intrinsic (inline PTX of any kind: cp.async, ldmatrix, another mma shape or type,
+// ...):
+//   1. its emulator twin first, in tests/simt/simt.h (namespace simt), with its definition taken from the
+//      PTX ISA, not from the kernel that will use it, and a selftest kernel in tests/simt/selftest.cpp
+//      checked by tests/ops/test_cuda_emulated.py (as selftest_mma checks mma_m16n8k16's layouts);
+//   2. its wrapper here: the PTX in the #else branch below, the call to the twin in the emulator's;
+//   3. the kernel calls the wrapper.
+// CUDA C++ built-ins (__syncthreads, __shfl_xor_sync, threadIdx, ...) keep their own names: simt.h
+// defines them and rejects what it does not emulate (e.g. a shuffle mask other than 0xffffffff); a new
+// built-in, or a use that simt.h rejects, is likewise emulated (and selftested) in simt.h first.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fusedgpt {
+
+// True in the CPU emulator's build, where CPU tensors stand for device memory (common.h's require_cuda).
+#ifdef FUSEDGPT_SIMT_EMULATION
+inline constexpr bool kSimtEmulation = true;
+#else
+inline constexpr bool kSimtEmulation = false;
+#endif
+
+// c += a * b for one m16n8k16 tile on the tensor cores: A 16x16 row-major, B 16x8 column-major, both
+// Element (__half or __nv_bfloat16), fp32 accumulators; the registers hold the PTX ISA's fragments
+// ("Matrix Fragments for mma.m16n8k16 with floating point type"): 4 A words and 2 B words of two
+// elements each (lower index in the low half), 4 floats of C. A warp collective: all 32 lanes call it.
+template <typename Element>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  static_assert(std::is_same_v<Element, __half> || std::is_same_v<Element, __nv_bfloat16>,
+                "mma_m16n8k16: Element must be __half or __nv_bfloat16");
+#ifdef FUSEDGPT_SIMT_EMULATION
+  ::simt::mma_m16n8k16<Element>(c, a, b);
+#else
+  if constexpr (std::is_same_v<Element, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+}  // namespace fusedgpt
