@@ -23,6 +23,12 @@ Sliding-window cases: SDPA has no window, so the three sdpa-* providers run PLAI
 (a time ratio) says how much sooner fusedgpt finishes the windowed layer than SDPA finishes the causal
 superset. Their check compares against the causal reference.
 
+--headline (issue 15; what bench/gpu_run.py runs): causal at S = 2048 and 8192 (16384 tokens per batch) for
+(H, D) = (12, 64) and (16, 128) against sdpa-flash and sdpa-cudnn; window 256 (scale 1.0) at S = 8192 for
+the same two head shapes against flex-attention (each case runs only its own peers: a flex-attention
+compile costs seconds); fusedgpt-cuda, fusedgpt-triton and fusedgpt-torch (the composite PyTorch backend:
+SDPA, with the visibility mask for a window) on every case.
+
 FLOPs: 4 * B * H * D * (visible (query, key) pairs) -- two matmuls, 2 FLOPs per multiply-add. Visible
 pairs per (b, h): causal S * (S + 1) / 2; window W: sum over i < S of min(i + 1, W)
 = W * (W + 1) / 2 + (S - W) * W for S >= W. TFLOP/s = FLOPs / do_bench median time. ratio_vs_<peer> =
@@ -36,7 +42,7 @@ do_bench clears L2 before every call. No CUDA-graph latency here (prefill is not
 
 Results: bench/results/<device>.csv (family "attention") and <device>_attention.png (TFLOP/s).
 
-    python bench/bench_attention.py [--quick] [--dtypes fp16,bf16] [--providers fusedgpt-triton,sdpa-flash]
+    python bench/bench_attention.py [--quick | --headline] [--dtypes fp16,bf16] [--providers fusedgpt-triton,sdpa-flash]
                                     [--cases REGEX] [--merge] [--out-dir bench/results] [--no-plot]
 A full run (26 cases x 2 dtypes x 7 providers; a flex-attention compile and a Triton autotune per case)
 takes several minutes: split it over calls with --dtypes / --cases and --merge if needed.
@@ -57,6 +63,13 @@ from fusedgpt.ops import attention, attention_reference  # noqa: E402
 FAMILY = "attention"
 SDPA_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton") + SDPA_PROVIDERS + ("flex-attention", "flash-attn")
+HEADLINE_FUSEDGPT = ("fusedgpt-cuda", "fusedgpt-triton", common.TORCH_BACKEND_PROVIDER)
+HEADLINE_CAUSAL_PROVIDERS = HEADLINE_FUSEDGPT + ("sdpa-flash", "sdpa-cudnn")
+HEADLINE_WINDOW_PROVIDERS = HEADLINE_FUSEDGPT + ("flex-attention",)
+HEADLINE_PROVIDERS = HEADLINE_CAUSAL_PROVIDERS + ("flex-attention",)
+HEADLINE_SEQ_LENS = (2048, 8192)
+HEADLINE_WINDOW_SEQ_LEN = 8192
+HEADLINE_HEAD_SHAPES = ((12, 64), (16, 128))  # (heads, head_dim)
 TOKENS_PER_BATCH = 16384
 CAUSAL_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 CAUSAL_HEAD_SHAPES = ((12, 64), (32, 80), (16, 128))  # (heads, head_dim)
@@ -89,6 +102,19 @@ def benchmark_cases(quick: bool) -> list[dict]:
     cases += [{"batch": TOKENS_PER_BATCH // seq_len, "seq_len": seq_len, "heads": heads, "head_dim": head_dim,
                "window": WINDOW, "scale": WINDOW_SCALE} for (seq_len, heads, head_dim) in windowed]
     return cases
+
+
+def headline_cases() -> list[dict]:
+    """Issue 15's headline, each case with the providers it runs (see common.run_benchmark): causal D=64 and
+    D=128 at S=2k and 8k against SDPA flash and cuDNN, then window 256 at S=8k against FlexAttention."""
+    def case(seq_len: int, heads: int, head_dim: int, window: int | None, providers: tuple[str, ...]) -> dict:
+        return {"batch": TOKENS_PER_BATCH // seq_len, "seq_len": seq_len, "heads": heads, "head_dim": head_dim,
+                "window": window, "scale": None if window is None else WINDOW_SCALE, "providers": providers}
+
+    cases = [case(seq_len, heads, head_dim, None, HEADLINE_CAUSAL_PROVIDERS)
+             for (heads, head_dim) in HEADLINE_HEAD_SHAPES for seq_len in HEADLINE_SEQ_LENS]
+    return cases + [case(HEADLINE_WINDOW_SEQ_LEN, heads, head_dim, WINDOW, HEADLINE_WINDOW_PROVIDERS)
+                    for (heads, head_dim) in HEADLINE_HEAD_SHAPES]
 
 
 def case_label(case: dict) -> str:
@@ -130,8 +156,8 @@ def _sdpa_backend(provider: str):
 def provider_function(provider: str, case: dict):
     """(q, k, v in the provider's layout) -> output in that layout, plus the layout name ("bshd"/"bhsd")."""
     window, scale = case["window"], case["scale"]
-    if provider in common.FUSEDGPT_PROVIDERS:
-        backend = provider.removeprefix("fusedgpt-")
+    if provider in common.BACKEND_PROVIDERS:
+        backend = common.BACKEND_PROVIDERS[provider]
         return (lambda q, k, v: attention(q, k, v, causal=True, window=window, scale=scale, backend=backend)), "bshd"
     if provider in SDPA_PROVIDERS:
         from torch.nn.attention import sdpa_kernel
@@ -238,10 +264,12 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
     common.add_cases_option(parser, "B4 S4096 H16 D128 w256 s1")
+    common.add_headline_option(parser, "causal S2048 and S8192 at H12 D64 and H16 D128, window 256 at S8192")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_choices(args.providers, PROVIDERS)
-    cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
+    providers = common.parse_providers(args, PROVIDERS, HEADLINE_PROVIDERS)
+    cases = common.select_cases(headline_cases() if args.headline else benchmark_cases(args.quick), args.cases,
+                                case_label)
     common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
                          columns=COLUMNS, plot_key="tflops", plot_label="TFLOP/s", plot_log_scale=False)
     return 0

@@ -11,11 +11,15 @@ Providers:
   torch-compile     torch.compile(fusedgpt.ops.bias_act_reference, fullgraph=True), default mode
   empty-kernel      an empty Triton kernel under CUDA-graph replay: the latency floor (1 and 16 tokens)
 
+--headline (issue 15; what bench/gpu_run.py runs): bias+GELU(tanh) 16384 x 8192 only (--activations does
+not apply), providers fusedgpt-cuda, fusedgpt-triton, fusedgpt-torch (the composite PyTorch backend, what
+torch-eager times) and torch-compile; gpu_run.py compares its GB/s with the device-copy bandwidth.
+
 Effective bytes: read x and bias, write y. GB/s = bytes / do_bench median time. us_graph (1 and 16
 tokens) = latency per call under CUDA-graph replay. Results: bench/results/<device>.csv (family
 "bias_act") and a PNG.
 
-    python bench/bench_bias_act.py [--quick] [--dtypes fp16,bf16] [--activations gelu_tanh,gelu,relu]
+    python bench/bench_bias_act.py [--quick | --headline] [--dtypes fp16,bf16] [--activations gelu_tanh,gelu,relu]
                                    [--all-activation-shapes] [--out-dir bench/results]
 """
 
@@ -34,6 +38,7 @@ from fusedgpt.ops import bias_act, bias_act_reference  # noqa: E402
 
 FAMILY = "bias_act"
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", "torch-eager", "torch-compile", common.EMPTY_KERNEL_PROVIDER)
+HEADLINE_PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", common.TORCH_BACKEND_PROVIDER, "torch-compile")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 FULL_GRID_ACTIVATION = "gelu_tanh"
 TOKEN_COUNTS = (1, 16, 16384)
@@ -54,6 +59,11 @@ def benchmark_cases(quick: bool, activations: list[str], all_activation_shapes: 
     return cases
 
 
+def headline_cases() -> list[dict]:
+    """Issue 15's headline: bias + GELU(tanh) at 16k tokens x 8192 (the MLP width of 2048-wide models)."""
+    return [{"activation": "gelu_tanh", "tokens": PREFILL_TOKENS, "hidden": 8192}]
+
+
 def effective_bytes(tokens: int, width: int, element_size: int) -> int:
     return 2 * tokens * width * element_size + width * element_size  # read x, write y; read bias
 
@@ -69,8 +79,8 @@ def torch_eager_function(activation: str):
 
 def provider_function(provider: str, activation: str):
     """(x, bias) -> y."""
-    if provider in ("fusedgpt-cuda", "fusedgpt-triton"):
-        backend = provider.removeprefix("fusedgpt-")
+    if provider in common.BACKEND_PROVIDERS:
+        backend = common.BACKEND_PROVIDERS[provider]
         return lambda x, bias: bias_act(x, bias, activation, backend=backend)
     if provider == "torch-eager":
         return torch_eager_function(activation)
@@ -125,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-activation-shapes", action="store_true",
                         help=f"every activation on every shape (default: {FULL_GRID_ACTIVATION} on every "
                              f"shape, the others at {PREFILL_TOKENS} tokens only)")
+    common.add_headline_option(parser, "bias+GELU(tanh) 16384x8192")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_choices(args.providers, PROVIDERS)
+    providers = common.parse_providers(args, PROVIDERS, HEADLINE_PROVIDERS)
     activations = common.parse_choices(args.activations, ACTIVATIONS, "--activations")
-    common.run_benchmark(FAMILY, args, dtypes, providers,
-                         benchmark_cases(args.quick, activations, args.all_activation_shapes), describe_case, run_case)
+    cases = (headline_cases() if args.headline
+             else benchmark_cases(args.quick, activations, args.all_activation_shapes))
+    common.run_benchmark(FAMILY, args, dtypes, providers, cases, describe_case, run_case)
     return 0
 
 

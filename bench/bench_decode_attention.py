@@ -26,6 +26,12 @@ Providers:
                             an error row "not installed" when `import flash_attn` fails
   empty-kernel              an empty Triton kernel under CUDA-graph replay: the latency floor (B = 1 only)
 
+--headline (issue 15; what bench/gpu_run.py runs): B = 1 with an 8192-token cache and B = 64 with a 2048-token
+cache, each at (H, D) = (12, 64) (GPT-2 small) and (16, 128) (GPT-Neo 1.3B; the prefill headline's two head
+shapes), no window; providers fusedgpt-cuda, fusedgpt-triton, fusedgpt-torch (the composite PyTorch
+backend: SDPA over the masked cache, append included), fusedgpt-triton-noappend, sdpa and (B = 1) the
+empty kernel.
+
 Bytes (elt = bytes per element, BHD = B * H * D, T = 1):
   K and V actually read from the cache: 2 * BHD * keys_read * elt, keys_read = L, or min(L, W) with a
   window W (with the append: L, or min(L, W - 1): the new token is one of the W visible keys);
@@ -42,7 +48,7 @@ cache at slot L.
 
 Results: bench/results/<device>.csv (family "decode_attention") and <device>_decode_attention.png (GB/s).
 
-    python bench/bench_decode_attention.py [--quick] [--dtypes fp16,bf16] [--providers fusedgpt-triton,sdpa]
+    python bench/bench_decode_attention.py [--quick | --headline] [--dtypes fp16,bf16] [--providers fusedgpt-triton,sdpa]
                                            [--cases REGEX] [--merge] [--out-dir bench/results] [--no-plot]
 """
 
@@ -62,11 +68,15 @@ from fusedgpt.ops import decode_attention, decode_attention_reference  # noqa: E
 FAMILY = "decode_attention"
 NOAPPEND = "fusedgpt-triton-noappend"
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", NOAPPEND, "sdpa", "flash-attn", common.EMPTY_KERNEL_PROVIDER)
-APPENDING = ("fusedgpt-cuda", "fusedgpt-triton", "flash-attn")
+HEADLINE_PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", common.TORCH_BACKEND_PROVIDER, NOAPPEND, "sdpa",
+                      common.EMPTY_KERNEL_PROVIDER)
+APPENDING = ("fusedgpt-cuda", "fusedgpt-triton", common.TORCH_BACKEND_PROVIDER, "flash-attn")
 HEAD_SHAPES = ((12, 64), (32, 64), (16, 128), (32, 128))  # (heads, head_dim)
 BATCH_CACHE_LENS = ((1, 1024), (1, 8192), (1, 32768), (16, 2048), (64, 2048))  # (batch, cache length)
 WINDOW = 256
 WINDOW_BATCH_CACHE_LEN = (1, 8192)
+HEADLINE_BATCH_CACHE_LENS = ((1, 8192), (64, 2048))
+HEADLINE_HEAD_SHAPES = ((12, 64), (16, 128))
 NEW_TOKENS = 1
 CACHE_SLACK = 16  # S_max = cache length + this
 # The caches are rotated (as many copies as make one pass over the keys read exceed max(128 MiB,
@@ -96,6 +106,12 @@ def benchmark_cases(quick: bool) -> list[dict]:
     return cases
 
 
+def headline_cases() -> list[dict]:
+    """Issue 15's headline: decode at B = 1 over an 8k cache and at B = 64 over a 2k cache."""
+    return [{"batch": b, "cache_len": length, "heads": h, "head_dim": d, "window": None}
+            for (h, d) in HEADLINE_HEAD_SHAPES for (b, length) in HEADLINE_BATCH_CACHE_LENS]
+
+
 def case_label(case: dict) -> str:
     label = f"B{case['batch']} L{case['cache_len']} H{case['heads']} D{case['head_dim']}"
     return label + (f" w{case['window']}" if case["window"] is not None else "")
@@ -123,8 +139,8 @@ def decode_bytes(batch: int, heads: int, head_dim: int, cache_len: int, window: 
 
 def provider_function(provider: str, window: int | None):
     """A function of the case's tensors (see run_case.step) -> output in the provider's layout."""
-    if provider in ("fusedgpt-cuda", "fusedgpt-triton"):
-        backend = provider.removeprefix("fusedgpt-")
+    if provider in common.BACKEND_PROVIDERS:
+        backend = common.BACKEND_PROVIDERS[provider]
         return lambda q, k_cache, v_cache, cache_lens, k, v: decode_attention(
             q, k_cache, v_cache, cache_lens, k=k, v=v, window=window, backend=backend)
     if provider == NOAPPEND:
@@ -236,10 +252,12 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
     common.add_cases_option(parser, "B1 L8192 H32 D128 w256")
+    common.add_headline_option(parser, "B1 L8192 and B64 L2048 at H12 D64 and H16 D128")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_choices(args.providers, PROVIDERS)
-    cases = common.select_cases(benchmark_cases(args.quick), args.cases, case_label)
+    providers = common.parse_providers(args, PROVIDERS, HEADLINE_PROVIDERS)
+    cases = common.select_cases(headline_cases() if args.headline else benchmark_cases(args.quick), args.cases,
+                                case_label)
     common.run_benchmark(FAMILY, args, dtypes, providers, cases, case_label, run_case, cuda_probe=probe_cuda,
                          columns=COLUMNS)
     return 0

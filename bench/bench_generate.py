@@ -10,6 +10,10 @@ GPT-2 124M, OPT-125m, GPT-Neo-125M, OPT-1.3B, GPT-Neo-1.3B. Each is built once w
 AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=fp16) on the GPU (seeded), and
 fusedgpt.from_hf copies its weights, so every provider runs the same weights.
 Cases: batch 1, prompt 128, 256 new tokens; batch 16, prompt 512, 128 new tokens. fp16 (--dtypes).
+--headline (issue 15; what bench/gpu_run.py runs, sized to its time budget): GPT-2 124M and OPT-1.3B, batch 1,
+prompt 128, 128 new tokens; providers fusedgpt, hf-eager (the reference of the agreement columns) and hf-sdpa
+(transformers' default generate). hf-static-compiled (tens of seconds of compile per model) and batch 16
+stay in the full run.
 Prompts are random token ids (no padding); nothing stops early: fusedgpt gets eos_token_id=[] (no EOS),
 transformers gets generation_config.eos_token_id = None and min_new_tokens = N, so every provider
 produces exactly N new tokens (checked: the `check` column).
@@ -51,7 +55,8 @@ is N - 1 steps of B tokens):
                       (greedy, fp16: rows drift apart after the first near-tie); agreement_prefix_vs_hf_eager:
                       mean fraction of each row's new tokens before its first difference. Shown for the
                       other transformers providers too, as the fp16 noise floor.
-Results: bench/results/<device>.csv (family "generate"; `ms` = ms per decode step) and
+Results: bench/results/<device>.csv (family "generate"; `ms` = ms per decode step; rewritten after every
+provider, so a run stopped part-way keeps what it measured) and
 <device>_generate.png (decode tokens/s, log scale, with the bandwidth bound as a line of its own).
 
 Run time on an H100: about 2-3 minutes per model for all four providers and both cases (transformers
@@ -60,7 +65,7 @@ minutes, so split a full run, e.g.
     python bench/bench_generate.py --models gpt2-124m,opt-125m,gpt-neo-125m
     python bench/bench_generate.py --models opt-1.3b,gpt-neo-1.3b --merge
 
-    python bench/bench_generate.py [--quick] [--models gpt2-124m,opt-1.3b] [--providers fusedgpt,hf-sdpa]
+    python bench/bench_generate.py [--quick | --headline] [--models gpt2-124m,opt-1.3b] [--providers fusedgpt,hf-sdpa]
                                    [--cases REGEX] [--repeats 3] [--merge] [--out-dir bench/results] [--no-plot]
 """
 
@@ -97,6 +102,9 @@ SEED = 0
 CASES = ((1, 128, 256), (16, 512, 128))
 QUICK_MODELS = ("gpt2-124m",)
 QUICK_CASES = ((1, 128, 32),)
+HEADLINE_MODELS = ("gpt2-124m", "opt-1.3b")
+HEADLINE_CASES = ((1, 128, 128),)
+HEADLINE_PROVIDERS = ("fusedgpt", "hf-eager", "hf-sdpa")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,15 +149,16 @@ def timed_calls(function, repeats: int) -> tuple[list[float], object]:
     return seconds, result
 
 
-def measure_copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device torch copy_ (bytes read + bytes written over the do_bench median)."""
-    elements = COPY_BYTES // 2
+def measure_copy_bandwidth(copy_bytes: int = COPY_BYTES) -> float:
+    """GB/s of a device-to-device torch copy_ of `copy_bytes` (1 GiB) into another buffer: bytes read + bytes
+    written over the do_bench median."""
+    elements = copy_bytes // 2
     source = torch.ones(elements, dtype=torch.float16, device=DEVICE)
     target = torch.empty_like(source)
     milliseconds = timing.time_ms(lambda: target.copy_(source))
     del source, target
     free_memory()
-    return 2 * COPY_BYTES / (milliseconds * 1e-3) / 1e9
+    return 2 * copy_bytes / (milliseconds * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +312,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def run_model(model_name: str, dtype: torch.dtype, cases, providers: list[str], repeats: int,
-              copy_gbps: float | None) -> list[dict]:
+              copy_gbps: float | None, progress=None) -> list[dict]:
+    """Every provider on every case of one model; progress(rows so far), when given, after each provider."""
     import fusedgpt
 
     hf_config = MODEL_CONFIGS[model_name]()
@@ -385,6 +395,8 @@ def run_model(model_name: str, dtype: torch.dtype, cases, providers: list[str], 
             reset_compiler()
         free_memory()
         print(f"  ({model_name} {provider}: {time.perf_counter() - started:.0f} s)", flush=True)
+        if progress is not None:
+            progress(rows)
     add_agreement(rows, outputs)
     del reference, outputs, prompts
     reset_compiler()
@@ -437,9 +449,9 @@ def finish(rows: list[dict], args) -> None:
 # Main
 # ----------------------------------------------------------------------------------------------------
 
-def parse_models(text: str | None, quick: bool) -> list[str]:
+def parse_models(text: str | None, quick: bool, headline: bool = False) -> list[str]:
     if text is None:
-        return list(QUICK_MODELS if quick else MODEL_CONFIGS)
+        return list(HEADLINE_MODELS if headline else QUICK_MODELS if quick else MODEL_CONFIGS)
     wanted = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [name for name in wanted if name not in MODEL_CONFIGS]
     if unknown or not wanted:
@@ -456,13 +468,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"timed calls per provider and case, after one warm-up; the median is reported "
                              f"(default: {DEFAULT_REPEATS})")
     common.add_cases_option(parser, case_label("gpt2-124m", 1, 128, 256))
+    common.add_headline_option(parser, "gpt2-124m and opt-1.3b, b1 p128 n128")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_choices(args.providers, PROVIDERS)
-    models = parse_models(args.models, args.quick)
-    cases = QUICK_CASES if args.quick else CASES
+    providers = common.parse_choices(args.providers, PROVIDERS, default=HEADLINE_PROVIDERS if args.headline else None)
+    models = parse_models(args.models, args.quick, args.headline)
+    cases = HEADLINE_CASES if args.headline else QUICK_CASES if args.quick else CASES
     if args.cases:  # fail early when the pattern selects nothing
         common.select_cases([{"label": case_label(m, *c)} for m in models for c in cases], args.cases,
                             lambda case: case["label"])
@@ -492,8 +505,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not model_cases:
                     continue
                 print(f"{FAMILY}: {model_name} {common.dtype_name(dtype)}", flush=True)
+
+                def write_so_far(model_rows, rows_before=list(rows)):
+                    common.write_rows_so_far(rows_before + model_rows, FAMILY, args, add_ratios=add_ratios)
+
                 try:
-                    rows += run_model(model_name, dtype, model_cases, providers, args.repeats, copy_gbps)
+                    rows += run_model(model_name, dtype, model_cases, providers, args.repeats, copy_gbps,
+                                      progress=write_so_far)
                 except Exception as error:  # e.g. out of memory while building the model
                     print(f"  ERROR building {model_name}: {common.short_error(error)}")
                     reset_compiler()

@@ -9,11 +9,15 @@ Providers:
   torch-compile     torch.compile(fusedgpt.ops.layer_norm_reference, fullgraph=True), default mode
   empty-kernel      an empty Triton kernel under CUDA-graph replay: the latency floor (1 and 16 tokens)
 
+--headline (issue 15; what bench/gpu_run.py runs): add+LayerNorm 16384 x 4096 with residual only, providers
+fusedgpt-cuda, fusedgpt-triton, fusedgpt-torch (the composite PyTorch backend, what torch-eager times) and
+torch-compile; gpu_run.py compares its GB/s with the device-copy bandwidth measured in the same run.
+
 Effective bytes: with residual, read x, residual, weight, bias and write y and s; without, read x,
 weight, bias and write y. GB/s = bytes / do_bench median time. us_graph (1 and 16 tokens) = latency per
 call under CUDA-graph replay. Results: bench/results/<device>.csv (family "layer_norm") and a PNG.
 
-    python bench/bench_layer_norm.py [--quick] [--dtypes fp16,bf16] [--out-dir bench/results]
+    python bench/bench_layer_norm.py [--quick | --headline] [--dtypes fp16,bf16] [--out-dir bench/results]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from fusedgpt.ops import layer_norm, layer_norm_reference  # noqa: E402
 
 FAMILY = "layer_norm"
 PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", "torch-eager", "torch-compile", common.EMPTY_KERNEL_PROVIDER)
+HEADLINE_PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton", common.TORCH_BACKEND_PROVIDER, "torch-compile")
 TOKEN_COUNTS = (1, 16, 16384)
 HIDDEN_SIZES = (768, 1600, 2048, 4096)
 NO_RESIDUAL_TOKENS = 16384  # the plain LayerNorm (first block / final norm) is reported at prefill size
@@ -46,6 +51,11 @@ def benchmark_cases(quick: bool) -> list[dict]:
              for tokens in tokens_list for hidden in hidden_list]
     cases += [{"tokens": NO_RESIDUAL_TOKENS, "hidden": hidden, "residual": False} for hidden in hidden_list]
     return cases
+
+
+def headline_cases() -> list[dict]:
+    """Issue 15's headline: add+LayerNorm at 16k tokens x 4096."""
+    return [{"tokens": 16384, "hidden": 4096, "residual": True}]
 
 
 def effective_bytes(tokens: int, hidden: int, residual: bool, element_size: int) -> int:
@@ -64,8 +74,8 @@ def torch_eager(x, residual, weight, bias):
 
 def provider_function(provider: str):
     """(x, residual or None, weight, bias) -> y, or (y, s) with a residual."""
-    if provider in ("fusedgpt-cuda", "fusedgpt-triton"):
-        backend = provider.removeprefix("fusedgpt-")
+    if provider in common.BACKEND_PROVIDERS:
+        backend = common.BACKEND_PROVIDERS[provider]
         return lambda x, residual, weight, bias: layer_norm(x, weight, bias, EPS, residual, backend=backend)
     if provider == "torch-eager":
         return torch_eager
@@ -129,10 +139,12 @@ def run_case(case: dict, dtype: torch.dtype, providers: list[str], unavailable: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
+    common.add_headline_option(parser, "add+LayerNorm 16384x4096")
     args = parser.parse_args(argv)
     dtypes = common.parse_dtypes(args.dtypes)
-    providers = common.parse_choices(args.providers, PROVIDERS)
-    common.run_benchmark(FAMILY, args, dtypes, providers, benchmark_cases(args.quick), describe_case, run_case)
+    providers = common.parse_providers(args, PROVIDERS, HEADLINE_PROVIDERS)
+    cases = headline_cases() if args.headline else benchmark_cases(args.quick)
+    common.run_benchmark(FAMILY, args, dtypes, providers, cases, describe_case, run_case)
     return 0
 
 

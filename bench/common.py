@@ -2,13 +2,14 @@
 
 Every family must be checked, timed and recorded the same way, or its ratios mean nothing. This holds
   - the command line every script takes (`argument_parser`, `parse_dtypes`, `parse_choices`,
-    `select_cases`);
+    `select_cases`, `add_headline_option`: the issue-15 headline cases that bench/gpu_run.py runs);
   - one row per provider and case (`measure`: the correctness check, then timing.time_ms and, where
     asked, timing.graph_us; GB/s and TFLOP/s from the script's byte and FLOP counts; an exception
     becomes the row's error, never the end of the run);
-  - the loops: `run_benchmark` (dtypes x cases, then `finish`: ratios, table, results CSV, plot) and
-    `providers_to_time` (a case's providers: those that cannot run get an error row, the empty kernel
-    is measured here).
+  - the loops: `run_benchmark` (dtypes x cases, the results CSV rewritten after every case by
+    `write_rows_so_far` so that a run stopped part-way keeps what it measured, then `finish`: ratios,
+    table, results CSV, plot) and `providers_to_time` (a case's providers: those that cannot run get an
+    error row, the empty kernel is measured here).
 Timing is in timing.py (triton.testing's do_bench and do_bench_cudagraph), the results file and its
 plot in results.py. torch.cuda is touched only inside functions, so `python bench/bench_<family>.py
 --help` works on a machine without a GPU. Written for torch >= 2.11 with triton >= 3.6.
@@ -28,6 +29,11 @@ import results
 import timing
 
 FUSEDGPT_PROVIDERS = ("fusedgpt-cuda", "fusedgpt-triton")
+# Providers that are one of fusedgpt's backends, called with backend=<name>. "fusedgpt-torch" (the composite
+# PyTorch backend) is in no script's default providers: the headline runs time it, so that gpu_run.py can
+# rank all three backends of each family from one run.
+TORCH_BACKEND_PROVIDER = "fusedgpt-torch"
+BACKEND_PROVIDERS = {"fusedgpt-cuda": "cuda", "fusedgpt-triton": "triton", TORCH_BACKEND_PROVIDER: "torch"}
 EMPTY_KERNEL_PROVIDER = results.EMPTY_KERNEL_PROVIDER
 CUDA_EXTENSION_MISSING = "skipped: the CUDA extension is not available"
 DTYPES_BY_NAME = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -65,6 +71,14 @@ def add_cases_option(parser: argparse.ArgumentParser, example_label: str) -> Non
                              "regular expression (re.search)")
 
 
+def add_headline_option(parser: argparse.ArgumentParser, cases: str) -> None:
+    """--headline: exactly the issue-15 headline `cases` (described in the help) with the script's
+    HEADLINE_PROVIDERS, instead of the full grid (what bench/gpu_run.py runs)."""
+    parser.add_argument("--headline", action="store_true",
+                        help=f"only the headline cases of issue 15 ({cases}) and their providers "
+                             "(HEADLINE_PROVIDERS: fusedgpt's and the peers the issue names)")
+
+
 def select_cases(cases: list, pattern: str | None, case_label: Callable) -> list:
     """The cases whose case_label(case) matches --cases (all of them without it); none is an error."""
     if not pattern:
@@ -89,11 +103,12 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return dtypes
 
 
-def parse_choices(text: str | None, known: Sequence[str], option: str = "--providers") -> list[str]:
-    """The comma-separated names of `option` to run, in the script's order (all when None); unknown
-    names, or none, are an error."""
+def parse_choices(text: str | None, known: Sequence[str], option: str = "--providers", *,
+                  default: Sequence[str] | None = None) -> list[str]:
+    """The comma-separated names of `option` to run, in the script's order (`default`, else all of
+    `known`, when None); unknown names, or none, are an error."""
     if text is None:
-        return list(known)
+        return list(known if default is None else default)
     wanted = [part.strip() for part in text.split(",") if part.strip()]
     if not wanted:  # (an empty run would still rewrite the family's CSV rows)
         raise SystemExit(f"{option}: no name given; this script has {list(known)}")
@@ -101,6 +116,13 @@ def parse_choices(text: str | None, known: Sequence[str], option: str = "--provi
     if unknown:
         raise SystemExit(f"{option}: unknown {unknown}; this script has {list(known)}")
     return [name for name in known if name in wanted]
+
+
+def parse_providers(args: argparse.Namespace, providers: Sequence[str], headline_providers: Sequence[str]) -> list[str]:
+    """--providers among the script's `providers` and its headline ones (fusedgpt-torch); without it,
+    `headline_providers` under --headline, else `providers`."""
+    known = tuple(providers) + tuple(name for name in headline_providers if name not in providers)
+    return parse_choices(args.providers, known, default=headline_providers if args.headline else providers)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -307,6 +329,17 @@ def finish(rows: list[dict], family: str, args: argparse.Namespace, *,
         print(f"wrote {plot}")
 
 
+def write_rows_so_far(rows: list[dict], family: str, args: argparse.Namespace,
+                      add_ratios: Callable[[list[dict]], None] = results.add_speedups) -> None:
+    """The results CSV as `finish` would write it from the rows measured so far (ratios included; with
+    --merge only those rows replaced), so that a run killed at its time budget (bench/gpu_run.py) keeps
+    every case it finished. add_ratios(rows) recomputes the ratios from scratch, so calling this after
+    every case gives the same file as one call at the end."""
+    if rows:
+        add_ratios(rows)
+        results.write_results_csv(rows, family, args.out_dir, merge=args.merge)
+
+
 def run_benchmark(family: str, args: argparse.Namespace, dtypes: Sequence[torch.dtype], providers: Sequence[str],
                   cases: Sequence[dict], describe_case: Callable[[dict], str],
                   run_case: Callable[[dict, torch.dtype, list[str], dict[str, str]], list[dict]], *,
@@ -314,8 +347,10 @@ def run_benchmark(family: str, args: argparse.Namespace, dtypes: Sequence[torch.
     """The main loop of every op script, after its arguments are parsed: require a GPU, print the
     environment, seed, then under torch.no_grad() find the unavailable providers and, for each dtype and
     case, print "<family>: <describe_case(case)> <dtype>" and collect run_case(case, dtype, providers,
-    unavailable); a case whose set-up raises (e.g. out of memory while building the inputs) is printed
-    and skipped. Ends with `finish` (given `finish_kwargs`); returns the rows."""
+    unavailable), where a case carrying a "providers" list (the headline cases' peers) runs only those of
+    `providers`; a case whose set-up raises (e.g. out of memory while building the inputs) is printed
+    and skipped. The results CSV is rewritten after every case (`write_rows_so_far`). Ends with `finish`
+    (given `finish_kwargs`); returns the rows."""
     require_gpu()
     print_environment(family)
     torch.manual_seed(0)
@@ -325,10 +360,12 @@ def run_benchmark(family: str, args: argparse.Namespace, dtypes: Sequence[torch.
         for dtype in dtypes:
             for case in cases:
                 print(f"{family}: {describe_case(case)} {dtype_name(dtype)}", flush=True)
+                case_providers = [name for name in providers if name in case.get("providers", providers)]
                 try:
-                    rows += run_case(case, dtype, providers, unavailable)
+                    rows += run_case(case, dtype, case_providers, unavailable)
                 except Exception as error:  # e.g. out of memory while building the inputs
                     print(f"  ERROR building case: {short_error(error)}")
                     torch.cuda.empty_cache()
+                write_rows_so_far(rows, family, args)
     finish(rows, family, args, **finish_kwargs)
     return rows

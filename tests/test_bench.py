@@ -1,10 +1,11 @@
 """Tests of the benchmark scripts (bench/) on the CPU, so that the one scarce GPU run does not die on a
 Python bug: the FLOP and byte counts behind TFLOP/s and GB/s against brute-force counts from explicit
 masks and tensors; the case grids; the rows a measurement makes from triton.testing's timings; the
-results CSV (one row format, merged family by family) and its plot; run_gpu.sh's use of them; the model
+results CSV (one row format, merged family by family, rewritten after every case) and its plot; the model
 configs against the published sizes; each script's --help and command-line errors; and each op script's
 main() end to end on tiny CPU cases, with the GPU timing faked (the Triton kernels run under
-TRITON_INTERPRET=1, set by conftest.py). bench/ is not a package: its modules are imported from their
+TRITON_INTERPRET=1, set by conftest.py), --headline included. bench/gpu_run.py (run_gpu.sh) has
+tests/test_gpu_run.py. bench/ is not a package: its modules are imported from their
 directory, as `python bench/<script>.py` does."""
 
 from __future__ import annotations
@@ -438,7 +439,7 @@ def test_add_speedups(bench):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The results CSV, its plot, and run_gpu.sh's use of them
+# The results CSV and its plot
 # ----------------------------------------------------------------------------------------------------
 
 def test_device_slug(results):
@@ -505,61 +506,6 @@ def test_plot(results, tmp_path, capsys):
     assert "no GB/s (effective) was measured" in capsys.readouterr().out
 
 
-def run_gpu_summary(tmp_path) -> Path:
-    match = re.search(r"<<'PYTHON_SUMMARY'\n(.*?)\nPYTHON_SUMMARY\n", (BENCH_DIR / "run_gpu.sh").read_text(), re.S)
-    assert match, "run_gpu.sh: the PYTHON_SUMMARY here-document was not found"
-    summary = tmp_path / "summary.py"
-    summary.write_text(match.group(1))
-    return summary
-
-
-def test_run_gpu_sh(bench):
-    """Syntax; every default family (and the two opt-in ones) has bench/bench_<family>.py whose FAMILY is
-    that name (its PNG is <slug>_<FAMILY>.png); and every bench module run_gpu.sh's Python lines call has
-    the function they name."""
-    result = subprocess.run(["bash", "-n", str(BENCH_DIR / "run_gpu.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = (BENCH_DIR / "run_gpu.sh").read_text()
-    default = re.search(r'FAMILIES="\$\{BENCH_FAMILIES:-([^}]*)\}"', text)
-    assert default and sorted(default.group(1).split()) == sorted(OP_FAMILIES)
-    for family in list(OP_FAMILIES) + ["generate", "patching"]:
-        assert getattr(bench, f"bench_{family}").FAMILY == family
-    calls = re.findall(r"import (\w+); [^']*?\b\1\.(\w+)\(", text)
-    assert ("results", "device_slug") in calls
-    for module, function in calls:
-        assert callable(getattr(getattr(bench, module), function)), (module, function)
-
-
-def test_run_gpu_sh_summary(results, tmp_path):
-    """The Python summary embedded in run_gpu.sh runs on a results CSV as write_results_csv writes it
-    (several families, TFLOP/s, GB/s and tokens/s, graph latencies, error rows) and prints one table per
-    family with the best fusedgpt provider's speedups."""
-    rows = [
-        fake_row("layer_norm", "1x768 res", "fusedgpt-cuda", ms=0.004, us_graph=2.5, gbps=1.2, check="ok"),
-        fake_row("layer_norm", "1x768 res", "fusedgpt-triton", ms=0.003, us_graph=3.0, gbps=1.6, check="ok"),
-        fake_row("layer_norm", "1x768 res", "torch-eager", ms=0.009, us_graph=6.0, gbps=0.5, check="ok"),
-        fake_row("layer_norm", "1x768 res", "empty-kernel", us_graph=1.9),
-        fake_row("layer_norm", "16384x768 nores", "fusedgpt-cuda", error="skipped: the CUDA extension is not available"),
-        fake_row("layer_norm", "16384x768 nores", "torch-eager", ms=0.2, gbps=300.0, check="ok"),
-        fake_row("attention", "B4 S4096 H16 D128", "fusedgpt-triton", ms=1.0, tflops=300.0, check="ok"),
-        fake_row("attention", "B4 S4096 H16 D128", "sdpa-flash", ms=1.5, tflops=200.0, check="MISMATCH max_abs_err=1"),
-        fake_row("generate", "gpt2-124m b1 p128 n256", "fusedgpt", ms=0.3, tokens_per_s=3000.0, gbps=900.0),
-        fake_row("generate", "gpt2-124m b1 p128 n256", "hf-eager", ms=9.0, tokens_per_s=100.0, gbps=30.0),
-    ]
-    path = results.write_results_csv(rows, "mixed", tmp_path)
-    result = subprocess.run([sys.executable, str(run_gpu_summary(tmp_path)), str(path)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert all(f"--- {family}" in out for family in ("layer_norm", "attention", "generate"))
-    assert "TFLOP/s" in out and "GB/s" in out and "x_torch-eager" in out and "us_empty-kernel" in out
-    attention_line = next(line for line in out.splitlines() if line.startswith("B4 S4096"))
-    assert "triton" in attention_line and "1.50" in attention_line and "MISMATCH" in attention_line
-    generate_line = next(line for line in out.splitlines() if line.startswith("gpt2-124m b1"))
-    assert "x_fusedgpt" not in out
-    assert generate_line.split()[5] == "fusedgpt" and "30.00" in generate_line  # hf-eager ms / fusedgpt ms
-
-
 # ----------------------------------------------------------------------------------------------------
 # Each op script's main() end to end on the CPU (fake timing, real kernels under the interpreter)
 # ----------------------------------------------------------------------------------------------------
@@ -604,7 +550,7 @@ def test_layer_norm_main_on_cpu(bench, cpu_run, monkeypatch, tmp_path):
 
 
 def test_bias_act_main_on_cpu_and_merge(bench, cpu_run, monkeypatch, tmp_path):
-    """Every activation's rows; then a family split over two calls with --merge (run_gpu.sh's advice for
+    """Every activation's rows; then a family split over two calls with --merge (the advice for
     long runs) ends up with both calls' rows, and a call without --merge replaces them."""
     module = bench.bench_bias_act
     monkeypatch.setattr(module, "benchmark_cases", lambda quick, activations, all_shapes: [
@@ -717,6 +663,85 @@ def test_decode_attention_main_on_cpu(bench, cpu_run, monkeypatch, tmp_path):
     assert_plot(tmp_path / f"{SLUG}_decode_attention.png")
 
 
+def test_headline_runs_its_cases_and_providers_on_cpu(bench, cpu_run, monkeypatch, tmp_path):
+    """--headline runs headline_cases() (not the grid) with HEADLINE_PROVIDERS, fusedgpt-torch (the torch
+    backend) timed like the others."""
+    import fusedgpt
+
+    module = bench.bench_layer_norm
+    monkeypatch.setattr(module, "headline_cases", lambda: [{"tokens": 40, "hidden": 1001, "residual": True}])
+    monkeypatch.setattr(module, "benchmark_cases", lambda quick: pytest.fail("--headline ran the grid"))
+    monkeypatch.setattr(fusedgpt, "extension_available", lambda: False)
+    rows = run_main(module, ["--headline", "--dtypes", "fp16", "--no-plot"], tmp_path)
+    assert [row["provider"] for row in rows] == list(module.HEADLINE_PROVIDERS)
+    rows_by = by_provider(rows)
+    for provider in ("fusedgpt-triton", "fusedgpt-torch", "torch-compile"):
+        assert_timed(rows_by[("40x1001 res", provider)], graph=False)
+    assert float(rows_by[("40x1001 res", "fusedgpt-torch")]["ratio_vs_torch_compile"]) == pytest.approx(1.0)
+    assert rows_by[("40x1001 res", "fusedgpt-cuda")]["error"] == bench.common.CUDA_EXTENSION_MISSING
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attention_headline_runs_each_cases_own_peers_on_cpu(bench, cpu_run, monkeypatch, tmp_path):
+    module = bench.bench_attention
+    monkeypatch.setattr(module, "CHECK_QUERIES", 8)
+    cases = [{"batch": 2, "seq_len": 24, "heads": 2, "head_dim": 64, "window": None, "scale": None,
+              "providers": ("fusedgpt-triton", "fusedgpt-torch", "sdpa-flash")},
+             {"batch": 1, "seq_len": 40, "heads": 2, "head_dim": 64, "window": 16, "scale": 1.0,
+              "providers": ("fusedgpt-torch", "flex-attention")}]
+    monkeypatch.setattr(module, "headline_cases", lambda: cases)
+    rows = run_main(module, ["--headline", "--dtypes", "fp16", "--no-plot"], tmp_path)
+    for case in cases:
+        label = module.case_label(case)
+        case_rows = [row for row in rows if row["case"] == label]
+        assert [row["provider"] for row in case_rows] == list(case["providers"])
+        for row in case_rows:
+            assert_timed(row, graph=False)
+            assert row["mask"] == module.mask_name(case["window"], row["provider"])
+    assert cpu_run["compile"] == 1  # flex-attention only where its case asks for it
+
+
+def test_decode_attention_headline_on_cpu(bench, cpu_run, monkeypatch, tmp_path):
+    """The torch backend appends like the kernels: its bytes count the append, its check the new k."""
+    module = bench.bench_decode_attention
+    cases = [{"batch": 1, "cache_len": 20, "heads": 2, "head_dim": 64, "window": None},
+             {"batch": 3, "cache_len": 9, "heads": 2, "head_dim": 64, "window": None}]
+    monkeypatch.setattr(module, "headline_cases", lambda: cases)
+    rows = run_main(module, ["--headline", "--dtypes", "fp16", "--no-plot"], tmp_path)
+    rows_by = by_provider(rows)
+    for case in cases:
+        label = module.case_label(case)
+        providers = [row["provider"] for row in rows if row["case"] == label]
+        assert providers == [p for p in module.HEADLINE_PROVIDERS if p != "empty-kernel" or case["batch"] == 1]
+        row = rows_by[(label, "fusedgpt-torch")]
+        assert_timed(row, graph=case["batch"] == 1)
+        assert int(row["bytes"]) == module.decode_bytes(case["batch"], 2, 64, case["cache_len"], None, 2,
+                                                        appending=True, with_lengths=True)
+
+
+def test_the_csv_is_written_after_every_case(bench, cpu_run, monkeypatch, tmp_path):
+    """A run stopped part-way (SIGINT at its time budget raises KeyboardInterrupt) leaves the rows of every
+    case it finished in the CSV, ratios included."""
+    module = bench.bench_bias_act
+    cases = [{"activation": "relu", "tokens": 5, "hidden": 64}, {"activation": "gelu", "tokens": 5, "hidden": 64}]
+    monkeypatch.setattr(module, "benchmark_cases", lambda *args: cases)
+    real_run_case = module.run_case
+
+    def run_case(case, *args):
+        if case["activation"] == "gelu":
+            raise KeyboardInterrupt
+        return real_run_case(case, *args)
+
+    monkeypatch.setattr(module, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--dtypes", "fp16", "--providers", "fusedgpt-triton,torch-eager", "--out-dir", str(tmp_path)])
+    rows = read_csv(tmp_path / f"{SLUG}.csv")[1]
+    assert sorted((row["case"], row["provider"]) for row in rows) == [("relu 5x64", "fusedgpt-triton"),
+                                                                       ("relu 5x64", "torch-eager")]
+    assert all(float(row["ratio_vs_torch_eager"]) == pytest.approx(1.0) for row in rows)
+    assert not list(tmp_path.glob("*.png")), "the plot comes at the end only"
+
+
 # ----------------------------------------------------------------------------------------------------
 # End-to-end benchmarks: model sizes, bytes per decode step, rates and ratios, tiny models on the CPU
 # ----------------------------------------------------------------------------------------------------
@@ -761,7 +786,8 @@ def test_model_configs_have_the_published_sizes(bench, name):
     assert sum(p.numel() for p in meta_model(hf_config).parameters()) == parameters
     # every prompt + new tokens of bench_generate and bench_patching fits the position table
     generate, patching = bench.bench_generate, bench.bench_patching
-    assert all(prompt + new <= positions for _, prompt, new in generate.CASES + generate.QUICK_CASES)
+    assert all(prompt + new <= positions
+               for _, prompt, new in generate.CASES + generate.QUICK_CASES + generate.HEADLINE_CASES)
     assert patching.PREFILL_TOKENS <= positions
     assert patching.PROMPT_TOKENS + max(patching.NEW_TOKENS, patching.QUICK_NEW_TOKENS) <= positions
 
@@ -843,6 +869,39 @@ def test_generate_rates_agreement_and_ratios(bench, results, tmp_path):
                     argparse.Namespace(out_dir=tmp_path, merge=True, no_plot=False))
     assert len(read_csv(path)[1]) == len(rows)
     assert_plot(tmp_path / f"{SLUG}_generate.png")
+
+
+def test_generate_headline_and_rows_written_after_every_provider(bench, results, monkeypatch, tmp_path):
+    """--headline: GPT-2 124M and OPT-1.3B, b1 p128 n128, fusedgpt / hf-eager / hf-sdpa; a run stopped
+    during OPT-1.3B's second provider keeps the device copy, GPT-2's rows and OPT's first provider."""
+    generate = bench.bench_generate
+    monkeypatch.setattr(bench.common, "require_gpu", lambda: None)
+    monkeypatch.setattr(bench.common, "print_environment", lambda family: None)
+    monkeypatch.setattr(generate, "measure_copy_bandwidth", lambda: 4000.0)
+    calls = []
+
+    def run_model(model_name, dtype, cases, providers, repeats, copy_gbps, progress=None):
+        calls.append((model_name, list(cases), list(providers), repeats))
+        rows = []
+        for provider in providers:
+            if model_name == "opt-1.3b" and provider == "hf-eager":
+                raise KeyboardInterrupt  # the time budget ran out here
+            rows.append(fake_row("generate", generate.case_label(model_name, *cases[0]), provider, ms=1.0,
+                                 tokens_per_s=100.0, check="ok"))
+            progress(rows)
+        return rows
+
+    monkeypatch.setattr(generate, "run_model", run_model)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(["--headline", "--repeats", "2", "--out-dir", str(tmp_path), "--no-plot"])
+    expected = (list(generate.HEADLINE_CASES), list(generate.HEADLINE_PROVIDERS), 2)
+    assert calls == [("gpt2-124m", *expected), ("opt-1.3b", *expected)]
+    rows = read_csv(tmp_path / f"{SLUG}.csv")[1]
+    assert [(row["case"], row["provider"]) for row in rows] == [
+        ("device-copy 1GiB", "torch-copy"), ("gpt2-124m b1 p128 n128", "fusedgpt"),
+        ("gpt2-124m b1 p128 n128", "hf-eager"), ("gpt2-124m b1 p128 n128", "hf-sdpa"),
+        ("opt-1.3b b1 p128 n128", "fusedgpt")]
+    assert float(rows[1]["ratio_vs_hf_eager"]) == pytest.approx(1.0)
 
 
 def test_patching_add_ratios(bench):
