@@ -65,6 +65,12 @@ minutes, so split a full run, e.g.
     python bench/bench_generate.py --models gpt2-124m,opt-125m,gpt-neo-125m
     python bench/bench_generate.py --models opt-1.3b,gpt-neo-1.3b --merge
 
+CPU rows (--cpu, no GPU needed): the embedded model and GPT-2 124M's shape in float32, batch 1, prompt 16,
+64 new tokens, fusedgpt's generate against transformers' (eager and sdpa), the providers alternating
+within every repeat; whole calls timed; issue 14's bar is fusedgpt >= 1.2x the faster transformers
+provider on the embedded model and >= 1.0x on GPT-2 124M (the `target` column).
+    python bench/bench_generate.py --cpu [--models embedded,gpt2-124m] [--repeats 5]
+
     python bench/bench_generate.py [--quick | --headline] [--models gpt2-124m,opt-1.3b] [--providers fusedgpt,hf-sdpa]
                                    [--cases REGEX] [--repeats 3] [--merge] [--out-dir bench/results] [--no-plot]
 """
@@ -421,6 +427,12 @@ SUMMARY_COLUMNS = [("case", "case", 0), ("dtype", "dtype", 0), ("fusedgpt tok/s"
                    ("agree_prefix", "agreement_prefix_vs_hf_eager", 3), ("error", "error", 0)]
 
 
+CPU_COLUMNS = [("case", "case", 0), ("provider", "provider", 0), ("ms", "total_ms", 1),
+               ("tok/s", "e2e_tokens_per_s", 1), ("x_hf_eager", "ratio_vs_hf_eager", 2),
+               ("x_hf_sdpa", "ratio_vs_hf_sdpa", 2), ("x_best", "ratio_vs_hf_best_dynamic", 2),
+               ("target", "target", 1), ("check", "check", 0)]
+
+
 def plot_rows(csv_path: Path) -> list[dict]:
     """The generate rows of the results CSV (with --merge, earlier calls' too), plus one BOUND_PROVIDER row
     per (case, dtype) carrying the bandwidth bound as its tokens_per_s."""
@@ -443,6 +455,77 @@ def finish(rows: list[dict], args) -> None:
         print("\nfusedgpt against transformers (decode tokens/s ratios, > 1 = fusedgpt faster; agree = top-1 "
               "agreement with hf-eager's greedy tokens):")
         common.print_table(fused, SUMMARY_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU rows (--cpu): where everyone without a GPU meets fusedgpt first
+# ----------------------------------------------------------------------------------------------------
+
+CPU_MODELS = ("embedded", "gpt2-124m")  # the model `fusedgpt generate` runs by default, and GPT-2 124M's shape
+CPU_CASE = (1, 16, 64)  # batch, prompt, new tokens
+CPU_PROVIDERS = ("fusedgpt", "hf-eager", "hf-sdpa")
+CPU_TARGETS = {"embedded": 1.2, "gpt2-124m": 1.0}  # issue 14: transformers' time / fusedgpt's, at least
+
+
+def cpu_models(name: str):
+    """(transformers model in fp32 on the CPU, eval, no EOS) for one of CPU_MODELS: the embedded checkpoint
+    as it ships, or GPT-2 124M's configuration with random (seeded) weights."""
+    import transformers
+
+    from fusedgpt.models.tiny import TINY_MODEL_DIR
+
+    torch.manual_seed(SEED)
+    if name == "embedded":
+        model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(MODEL_CONFIGS[name](), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def run_cpu(models: list[str], repeats: int) -> list[dict]:
+    """fusedgpt's generate against transformers' (eager and sdpa attention) on the CPU, float32, CPU_CASE,
+    whole calls timed with perf_counter; the providers alternate within every repeat, so a change of load
+    on the machine falls on all of them alike. ms = the median whole call; ratio_vs_<peer> = peer's ms /
+    this ms (> 1: fusedgpt faster); `target` = issue 14's bar for fusedgpt against the faster of the two."""
+    import fusedgpt
+    from fusedgpt.generation import generate
+
+    batch, prompt, new = CPU_CASE
+    rows = []
+    for name in models:
+        hf_models = {"hf-eager": cpu_models(name)}
+        hf_models["hf-sdpa"] = copy.deepcopy(hf_models["hf-eager"])
+        hf_models["hf-eager"].set_attn_implementation("eager")
+        hf_models["hf-sdpa"].set_attn_implementation("sdpa")
+        model = fusedgpt.from_hf(hf_models["hf-eager"], dtype=torch.float32)
+        ids = torch.randint(0, hf_models["hf-eager"].config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(SEED))
+        calls = {"fusedgpt": lambda: generate(model, ids, max_new_tokens=new, eos_token_id=[])}
+        for provider, hf_model in hf_models.items():
+            calls[provider] = (lambda hf_model=hf_model: hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                pad_token_id=0))
+        seconds = {provider: [] for provider in calls}
+        outputs = {provider: call() for provider, call in calls.items()}  # warm-up
+        for _ in range(repeats):
+            for provider, call in calls.items():
+                start = time.perf_counter()
+                call()
+                seconds[provider].append(time.perf_counter() - start)
+        label = f"cpu {name} b{batch} p{prompt} n{new}"
+        for provider, values in seconds.items():
+            total = statistics.median(values)
+            same = torch.equal(outputs[provider][:, prompt:], outputs["hf-eager"][:, prompt:])
+            rows.append({"family": FAMILY, "case": label, "provider": provider, "dtype": "fp32", "batch": batch,
+                         "seq_len": prompt, "new_tokens": new, "ms": total * 1e3, "total_ms": total * 1e3,
+                         "e2e_tokens_per_s": batch * new / total, "check": "ok" if same else "MISMATCH"})
+        fused = rows[-len(seconds)]
+        best_hf = min(row["ms"] for row in rows[-len(seconds):] if row["provider"] != "fusedgpt")
+        fused["ratio_vs_hf_best_dynamic"] = best_hf / fused["ms"]
+        fused["target"] = CPU_TARGETS.get(name)
+    results.add_speedups(rows, peers=("hf-eager", "hf-sdpa"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,9 +552,26 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default: {DEFAULT_REPEATS})")
     common.add_cases_option(parser, case_label("gpt2-124m", 1, 128, 256))
     common.add_headline_option(parser, "gpt2-124m and opt-1.3b, b1 p128 n128")
+    parser.add_argument("--cpu", action="store_true",
+                        help=f"no GPU: fusedgpt against transformers on the CPU in float32 ({', '.join(CPU_MODELS)}, "
+                             f"batch {CPU_CASE[0]}, prompt {CPU_CASE[1]}, {CPU_CASE[2]} new tokens; --models picks)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
+    if args.cpu:
+        wanted = [part.strip() for part in (args.models or ",".join(CPU_MODELS)).split(",") if part.strip()]
+        unknown = [name for name in wanted if name not in CPU_MODELS]
+        if unknown:
+            raise SystemExit(f"--models: unknown {unknown!r} with --cpu; it has {list(CPU_MODELS)}")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        with torch.inference_mode():
+            rows = run_cpu(wanted, args.repeats)
+        common.print_table(rows, CPU_COLUMNS)
+        path = results.write_results_csv(rows, FAMILY, args.out_dir, merge=args.merge)
+        print(f"\nwrote {path}")
+        return 0
     dtypes = common.parse_dtypes(args.dtypes)
     providers = common.parse_choices(args.providers, PROVIDERS, default=HEADLINE_PROVIDERS if args.headline else None)
     models = parse_models(args.models, args.quick, args.headline)

@@ -46,7 +46,10 @@ CSV_COLUMNS = (
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name(torch.cuda.current_device())
+    """The GPU's name, or the CPU's (bench_generate.py --cpu) on a machine without one."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"CPU {platform.machine()} {os.cpu_count()} cores"
 
 
 def device_slug(name: str | None = None) -> str:

@@ -1023,3 +1023,24 @@ def test_help_exits_zero(help_runs, script):
     expected_options = ("--backends",) if script == "sanitize_ops" else ("--dtypes", "--providers", "--out-dir", "--merge")
     for option in expected_options:
         assert option in stdout, f"{script}.py --help does not mention {option}"
+
+
+def test_generate_cpu_rows(bench, monkeypatch, tmp_path, capsys):
+    """bench_generate.py --cpu: fusedgpt and transformers' eager / sdpa generate on the CPU (issue 14's rows),
+    here on the embedded model with one repeat; wall-clock numbers on a loaded CPU prove nothing, so the
+    test checks the rows, the tokens and the ratios' arithmetic, not the speed."""
+    generate = bench.bench_generate
+    monkeypatch.setattr(generate, "CPU_CASE", (1, 6, 5))
+    assert generate.main(["--cpu", "--models", "embedded", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.csv")
+    with open(path, newline="") as handle:
+        rows = {row["provider"]: row for row in csv.DictReader(handle) if row["family"] == "generate"}
+    assert set(rows) == {"fusedgpt", "hf-eager", "hf-sdpa"}
+    assert all(row["check"] == "ok" and row["case"] == "cpu embedded b1 p6 n5" for row in rows.values())
+    fused = rows["fusedgpt"]
+    assert float(fused["ratio_vs_hf_eager"]) == pytest.approx(float(rows["hf-eager"]["ms"]) / float(fused["ms"]), rel=1e-4)
+    best = min(float(rows["hf-eager"]["ms"]), float(rows["hf-sdpa"]["ms"]))
+    assert float(fused["ratio_vs_hf_best_dynamic"]) == pytest.approx(best / float(fused["ms"]), rel=1e-4)
+    assert float(fused["target"]) == 1.2
+    with pytest.raises(SystemExit, match="unknown"):
+        generate.main(["--cpu", "--models", "opt-1.3b"])
