@@ -1044,3 +1044,17 @@ def test_generate_cpu_rows(bench, monkeypatch, tmp_path, capsys):
     assert float(fused["target"]) == 1.2
     with pytest.raises(SystemExit, match="unknown"):
         generate.main(["--cpu", "--models", "opt-1.3b"])
+
+
+def test_sanitize_ops_attention_exercises_on_the_cpu(bench, monkeypatch):
+    """sanitize_ops.py's attention and decode exercises (what racecheck watches on a GPU), run here on the
+    Triton kernels under the interpreter: they pass on correct kernels and report a wrong one."""
+    sanitize = bench.sanitize_ops
+    monkeypatch.setattr(sanitize, "DEVICE", "cpu")
+    failures: list[str] = []
+    sanitize.exercise_attention("triton", failures, head_dims=(64,), queries=21)
+    sanitize.exercise_decode_attention("triton", failures, head_dims=(64,))
+    assert failures == []
+    monkeypatch.setattr(sanitize, "attention", lambda q, k, v, **kwargs: torch.zeros_like(q))
+    sanitize.exercise_attention("triton", failures, head_dims=(64,), queries=21)
+    assert len(failures) == 3 and all("max abs error" in failure for failure in failures)
