@@ -44,7 +44,6 @@ import csv
 import dataclasses
 import datetime
 import functools
-import json
 import math
 import os
 import re
@@ -621,14 +620,13 @@ def _family_of(source_name: str) -> str:
 
 
 def _counter_fields(launch: dict) -> dict:
-    """The emulator's counters as report columns (empty where the kernel made no such request)."""
-    fields = {}
-    if launch.get("shared_requests"):
-        fields["shared_wavefronts_per_request"] = round(launch["shared_wavefronts"] / launch["shared_requests"], 3)
-        fields["shared_conflict_ratio"] = round(launch["shared_wavefronts"] / launch["shared_ideal_wavefronts"], 3)
-    if launch.get("global_sectors"):
-        fields["global_sector_efficiency"] = round(launch["global_bytes"] / (32 * launch["global_sectors"]), 3)
-    return fields
+    """The emulator's ratios (simt_emulator.summarise: one definition of each) as report columns, empty
+    where the kernel made no such request."""
+    import simt_emulator
+
+    summary = simt_emulator.summarise({"kernel": launch})["kernel"]
+    names = ("shared_wavefronts_per_request", "shared_conflict_ratio", "global_sector_efficiency")
+    return {name: round(summary[name], 3) for name in names if summary.get(name) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------
