@@ -110,7 +110,7 @@ PATHS = {
     "decode_attention": (_decode_attention_call, {"decode_attention_reference": "reference",
                                                   "_decode_attention_torch": "torch",
                                                   "_decode_attention_triton": "triton"}),
-    "kv_append": (_kv_append_call, {"kv_append_reference": "torch", "_kv_append_triton": "triton"}),
+    "kv_append": (_kv_append_call, {"kv_append_torch": "torch", "_kv_append_triton": "triton"}),
     "layer_norm": (_layer_norm_call, {"layer_norm_reference": "reference", "_layer_norm_torch": "torch",
                                       "_add_layer_norm_triton": "triton"}),
     "bias_act": (_bias_act_call, {"bias_act_reference": "reference", "_bias_act_torch": "torch",

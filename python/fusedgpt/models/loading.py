@@ -73,6 +73,7 @@ def from_config(config, dtype=None, device=None) -> GPT:
 
 
 def _finish(model: GPT) -> GPT:
+    model.lay_out_matrices()  # load_state_dict(assign=True) keeps the checkpoint's layout
     model.requires_grad_(False)
     return model.eval()
 

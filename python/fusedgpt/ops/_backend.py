@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -75,16 +75,20 @@ def measured_order(family: str, capability: tuple[int, int], size: int | None) -
 
 
 def choose_backend(family: str, device: torch.device, backend: str | None = None, *,
-                   unsupported: dict[str, str] | None = None, size: int | None = None) -> str:
+                   unsupported: dict[str, str] | Callable[[], dict[str, str]] | None = None,
+                   size: int | None = None) -> str:
     """The backend that runs `family` on `device`; raises ValueError when an explicit choice cannot.
 
-    `unsupported` maps a kernel backend to why it cannot serve this particular call (e.g. float64);
-    the automatic choice then skips it, and the reference ("torch") serves every case. `size` (elements
-    of the main input) selects the measured order for that size (see MEASURED_ORDER)."""
-    unsupported = unsupported or {}
+    `unsupported` maps a kernel backend to why it cannot serve this particular call (e.g. float64), or is
+    a function returning that map, called only when a kernel backend is in question (never for an
+    automatic choice on the CPU without TRITON_INTERPRET=1: the ops' hot path on the CPU); the automatic
+    choice then skips it, and the reference ("torch") serves every case. `size` (elements of the main
+    input) selects the measured order for that size (see MEASURED_ORDER)."""
     requested = _requested(backend)
+    if requested == "torch":
+        return requested
     if requested != "auto":
-        reason = _unavailable(requested, device, unsupported)
+        reason = _unavailable(requested, device, _evaluated(unsupported))
         if reason is not None:
             raise ValueError(f"fusedgpt.ops.{family}: backend {requested!r} cannot run this call: {reason}")
         return requested
@@ -95,10 +99,16 @@ def choose_backend(family: str, device: torch.device, backend: str | None = None
         _warn_once_without_extension()
     else:
         order = ()
-    for name in order:
-        if _unavailable(name, device, unsupported) is None:
-            return name
+    if order:
+        unsupported = _evaluated(unsupported)
+        for name in order:
+            if _unavailable(name, device, unsupported) is None:
+                return name
     return "torch"
+
+
+def _evaluated(unsupported) -> dict[str, str]:
+    return (unsupported() if callable(unsupported) else unsupported) or {}
 
 
 class BackendChoice(NamedTuple):
@@ -123,22 +133,28 @@ class BackendChoice(NamedTuple):
 AUTOGRAD_REASON = "the call needs autograd, which only the reference (the specification) serves"
 
 
-def decide(family: str, device: torch.device, backend: str | None, *, unsupported: dict[str, str], size: int,
-           autograd: bool, host_read: str | None = None, reference_host_read: str | None = None) -> BackendChoice:
+def decide(family: str, device: torch.device, backend: str | None, *,
+           unsupported: dict[str, str] | Callable[[], dict[str, str]], size: int, autograd: bool,
+           host_read: str | None = None, reference_host_read: str | None = None,
+           explain: bool = True) -> BackendChoice:
     """The decision of one call of `family`, for the ops' <family>_backend functions: "reference" when
     the call needs autograd (whatever was requested; a requested name is still checked), else
-    choose_backend's answer. unsupported: what the kernels cannot serve in this call (see
-    choose_backend); host_read: what the op itself reads on (or copies from) the host for this call;
-    reference_host_read: what the family's reference reads on the host, if anything."""
-    _requested(backend)
+    choose_backend's answer. unsupported: what the kernels cannot serve in this call, or a function
+    returning it (see choose_backend); host_read: what the op itself reads on (or copies from) the host
+    for this call; reference_host_read: what the family's reference reads on the host, if anything.
+    explain=False (the ops themselves, which follow only .backend) leaves BackendChoice.unsupported empty
+    instead of asking every other backend why it cannot serve the call."""
     if autograd:
+        _requested(backend)
         return BackendChoice("reference", dict.fromkeys(BACKENDS, AUTOGRAD_REASON), reference_host_read or host_read)
     chosen = choose_backend(family, device, backend, unsupported=unsupported, size=size)
     reasons = {}
-    for name in BACKENDS:
-        reason = _unavailable(name, device, unsupported) if name != chosen else None
-        if reason is not None:
-            reasons[name] = reason
+    if explain:
+        unsupported = _evaluated(unsupported)
+        for name in BACKENDS:
+            reason = _unavailable(name, device, unsupported) if name != chosen else None
+            if reason is not None:
+                reasons[name] = reason
     return BackendChoice(chosen, reasons, host_read)
 
 

@@ -145,8 +145,8 @@ def check_cache_writes(op: str, caches: list[tuple[str, torch.Tensor]], news: li
     torch.compile traces, where tensors have no memory."""
     if torch.compiler.is_compiling():
         return
-    for name, cache in caches:
-        if cache.numel() and overlaps_itself(cache):
+    for name, cache in caches:  # a contiguous tensor never overlaps itself: the common case, checked in C++
+        if cache.numel() and not cache.is_contiguous() and overlaps_itself(cache):
             raise ValueError(f"fusedgpt.ops.{op}: {name} has elements that share memory (shape {tuple(cache.shape)}, "
                              f"strides {cache.stride()}: an expanded or overlapping view); the writes would land on "
                              f"each other. Pass a cache that owns its memory (e.g. {name}.contiguous())")
@@ -154,12 +154,12 @@ def check_cache_writes(op: str, caches: list[tuple[str, torch.Tensor]], news: li
     if first_cache.numel() and first_cache.data_ptr() == second_cache.data_ptr():
         raise ValueError(f"fusedgpt.ops.{op}: {first} and {second} are the same memory; keys and values need a "
                          "cache each")
+    cache_ranges = [(cache_name, _byte_range(cache)) for cache_name, cache in caches if cache.numel()]
     for name, new in news:
         if not new.numel():
             continue
         start, end = _byte_range(new)
-        for cache_name, cache in caches:
-            cache_start, cache_end = _byte_range(cache) if cache.numel() else (0, 0)
+        for cache_name, (cache_start, cache_end) in cache_ranges:
             if start < cache_end and cache_start < end:
                 raise ValueError(f"fusedgpt.ops.{op}: {name} shares memory with {cache_name} (is it a view of the "
                                  f"cache?); the kernels read {name} while they write {cache_name}. Pass a copy "

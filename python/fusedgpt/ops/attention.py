@@ -73,14 +73,15 @@ def visible_positions(query_pos: Tensor, key_pos: Tensor, *, causal: bool, windo
     position p iff j >= first_key (left padding), j <= p (causal) and j > p - window. The arguments
     broadcast against each other (queries along the second-to-last dim, keys along the last); so does the
     bool result. Prefill attention (reference and torch backend) and the torch backend's decode use it."""
-    shape = torch.broadcast_shapes(query_pos.shape, key_pos.shape, first_key.shape if first_key is not None else ())
-    visible = torch.ones(shape, dtype=torch.bool, device=key_pos.device)
-    if first_key is not None:
-        visible &= key_pos >= first_key
     if causal:
-        visible &= key_pos <= query_pos
+        visible = key_pos <= query_pos
+    else:
+        visible = torch.ones(torch.broadcast_shapes(query_pos.shape, key_pos.shape), dtype=torch.bool,
+                             device=key_pos.device)
     if window is not None:
-        visible &= key_pos > query_pos - window
+        visible &= key_pos > query_pos - window  # of visible's shape: in place
+    if first_key is not None:
+        visible = visible & (key_pos >= first_key)  # first_key may add dims: not in place
     return visible
 
 
@@ -170,13 +171,15 @@ def _check(q, k, v, causal, window, scale, kv_start) -> None:
         check_int32_per_sequence(op, "kv_start", kv_start, batch, q.device, allow_cpu=True)
 
 
-def _decide(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor | None, backend: str | None) -> BackendChoice:
+def _decide(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor | None, backend: str | None,
+            explain: bool = True) -> BackendChoice:
     """The decision for checked arguments (attention_backend's, which attention follows)."""
-    unsupported = attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
-                                          cuda_dtypes=torch_dtypes(CUDA_ATTENTION_DTYPES))
+    def unsupported():
+        return attention_kernel_limits(q, (q, k, v), cuda_op_built=_CUDA_OP_BUILT,
+                                       cuda_dtypes=torch_dtypes(CUDA_ATTENTION_DTYPES))
     copied = kv_start is not None and kv_start.device != q.device
     return decide("attention", q.device, backend, unsupported=unsupported, size=q.numel() + k.numel(),
-                  autograd=needs_autograd(q, k, v),
+                  autograd=needs_autograd(q, k, v), explain=explain,
                   host_read=f"kv_start on {kv_start.device} is copied to {q.device}" if copied else None)
 
 
@@ -206,7 +209,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     kernels are inference-only: calls that need autograd use the reference. attention_backend(...) says
     which backend a call gets, and why."""
     _check(q, k, v, causal, window, scale, kv_start)
-    chosen = _decide(q, k, v, kv_start, backend).backend
+    chosen = _decide(q, k, v, kv_start, backend, explain=False).backend
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     kv_start = kv_start.to(q.device) if kv_start is not None else None  # a CPU one is copied over
     if chosen == "reference":

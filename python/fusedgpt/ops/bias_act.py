@@ -76,10 +76,10 @@ def _check(x, bias, activation) -> None:
         raise ValueError(f"fusedgpt.ops.bias_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _decide(x: Tensor, bias: Tensor | None, backend: str | None) -> BackendChoice:
+def _decide(x: Tensor, bias: Tensor | None, backend: str | None, explain: bool = True) -> BackendChoice:
     """The decision for checked arguments (bias_act_backend's, which bias_act follows)."""
-    return decide("bias_act", x.device, backend, unsupported=kernel_limits(x), size=x.numel(),
-                  autograd=needs_autograd(x, bias))
+    return decide("bias_act", x.device, backend, unsupported=lambda: kernel_limits(x), size=x.numel(),
+                  autograd=needs_autograd(x, bias), explain=explain)
 
 
 def bias_act_backend(x: Tensor, bias: Tensor | None, activation: str, *,
@@ -99,7 +99,7 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
     (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Calls that need autograd
     take the reference. bias_act_backend(...) says which backend a call gets, and why."""
     _check(x, bias, activation)
-    chosen = _decide(x, bias, backend).backend
+    chosen = _decide(x, bias, backend, explain=False).backend
     if chosen == "reference":
         return bias_act_reference(x, bias, activation)
     if chosen == "torch":

@@ -49,6 +49,34 @@ def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, 
         cache[batch_ids, slots] = torch.where(fits[:, None, None, None], new.to(cache.dtype), current)
 
 
+def append_index(positions: Tensor, batch: int, tokens: int, max_len: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """Where kv_append's torch path writes, sync-free: (the (B, 1) batch and (B, T) slot index of
+    cache[index], fits (B, 1, 1, 1): whether sequence b's block fits). A sequence that does not fit is
+    pointed at in-range slots, whose own contents write_rows writes back."""
+    device = positions.device
+    max_start = max_len - tokens
+    fits = ((positions >= 0) & (positions <= max_start))[:, None, None, None]
+    slots = positions.clamp(0, max_start)[:, None] + torch.arange(tokens, device=device)  # (B, T)
+    return (torch.arange(batch, device=device)[:, None], slots), fits
+
+
+def write_rows(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, index: tuple[Tensor, Tensor],
+               fits: Tensor) -> None:
+    """cache[index] = new where the block fits (else its own contents), for both caches."""
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cache.index_put_(index, torch.where(fits, new.to(cache.dtype), cache[index]))
+
+
+def kv_append_torch(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
+    """The "torch" backend (kv_append's; decode_attention's torch path shares append_index and
+    write_rows): the specification's writes in the fewest sync-free PyTorch ops."""
+    batch, tokens = k.shape[:2]
+    if batch == 0 or tokens == 0:
+        return
+    index, fits = append_index(positions.to(k_cache.device), batch, tokens, k_cache.shape[1])
+    write_rows(k_cache, v_cache, k, v, index, fits)
+
+
 @torch.library.custom_op("fusedgpt::kv_append_triton", mutates_args=("k_cache", "v_cache"))
 def _kv_append_triton(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
     kv_append_fwd(k_cache, v_cache, k, v, positions)
@@ -95,17 +123,18 @@ def _checks_positions_on_host(positions: Tensor, check: bool) -> bool:
     return not torch.compiler.is_compiling() and (check or positions.device.type == "cpu")
 
 
-def _decide(k_cache: Tensor, k: Tensor, positions: Tensor, check: bool, backend: str | None) -> BackendChoice:
-    """The decision for checked arguments (kv_append_backend's, which kv_append follows). The reference
-    serves as the torch backend (it is sync-free), so autograd changes nothing here."""
+def _decide(k_cache: Tensor, k: Tensor, positions: Tensor, check: bool, backend: str | None,
+            explain: bool = True) -> BackendChoice:
+    """The decision for checked arguments (kv_append_backend's, which kv_append follows). Nothing here is
+    differentiated (the torch backend, kv_append_torch, is sync-free), so autograd changes nothing."""
     if _checks_positions_on_host(positions, check):
         host_read = f"positions ({'check=True' if check else 'on the CPU'}) are checked on the host"
     elif positions.device != k_cache.device:
         host_read = f"positions on {positions.device} are copied to {k_cache.device}"
     else:
         host_read = None
-    return decide("kv_append", k_cache.device, backend, unsupported=kernel_limits(k_cache), size=k.numel(),
-                  autograd=False, host_read=host_read)
+    return decide("kv_append", k_cache.device, backend, unsupported=lambda: kernel_limits(k_cache), size=k.numel(),
+                  autograd=False, host_read=host_read, explain=explain)
 
 
 def kv_append_backend(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, *,
@@ -138,10 +167,10 @@ def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions:
                          "traced by torch.compile; check before the compiled region")
     if _checks_positions_on_host(positions, check):
         _check_positions_in_range(positions, tokens, max_len)
-    chosen = _decide(k_cache, k, positions, check, backend).backend
+    chosen = _decide(k_cache, k, positions, check, backend, explain=False).backend
     positions = positions.to(k_cache.device)
     if chosen == "torch":
-        kv_append_reference(k_cache, v_cache, k, v, positions)
+        kv_append_torch(k_cache, v_cache, k, v, positions)
     elif chosen == "cuda":
         torch.ops.fusedgpt.kv_append(k_cache, v_cache, k, v, positions)
     else:

@@ -105,10 +105,10 @@ def _check(x, weight, bias, eps, residual) -> None:
 
 
 def _decide(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-            backend: str | None) -> BackendChoice:
+            backend: str | None, explain: bool = True) -> BackendChoice:
     """The decision for checked arguments (layer_norm_backend's, which layer_norm follows)."""
-    return decide("layer_norm", x.device, backend, unsupported=kernel_limits(x), size=x.numel(),
-                  autograd=needs_autograd(x, weight, bias, residual))
+    return decide("layer_norm", x.device, backend, unsupported=lambda: kernel_limits(x), size=x.numel(),
+                  autograd=needs_autograd(x, weight, bias, residual), explain=explain)
 
 
 def layer_norm_backend(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
@@ -132,7 +132,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     reference. layer_norm_backend(...) says which backend a call gets, and why.
     """
     _check(x, weight, bias, eps, residual)
-    chosen = _decide(x, weight, bias, residual, backend).backend
+    chosen = _decide(x, weight, bias, residual, backend, explain=False).backend
     eps = float(eps)
     if chosen == "reference":
         return layer_norm_reference(x, weight, bias, eps, residual)
