@@ -6,8 +6,6 @@ backend or the weights change; settings as GenerationOptions and keywords; the p
 arguments; models never import generation; `fusedgpt generate` on a tiny checkpoint; CUDA-graph replay
 against eager steps (gpu)."""
 
-import ast
-import pathlib
 
 import pytest
 import torch
@@ -182,26 +180,8 @@ def test_settings_as_options_keywords_or_both(monkeypatch):
         model.generate(ids, mask, options, top_k=0)
 
 
-def test_models_never_import_generation():
-    """Data flows down, imports point down: no module of fusedgpt.models imports generation, the CLI or
-    patching, at the top or inside a function; GPT.generate is generation's own function."""
-    above = ("fusedgpt.generation", "fusedgpt.cli", "fusedgpt.patching")
-    folder = pathlib.Path(fusedgpt.models.__file__).parent
-    package = ["fusedgpt", "models"]
-    found = []
-    for path in sorted(folder.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom):  # `from fusedgpt import generation` names fusedgpt.generation
-                base = package[:len(package) + 1 - node.level] if node.level else []  # relative: from here
-                module = ".".join(base + ([node.module] if node.module else []))
-                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            found += [(path.name, node.lineno, name) for name in names
-                      if any(name == module or name.startswith(module + ".") for module in above)]
-    assert not found, f"fusedgpt.models imports from above it: {found}"
+def test_generate_is_generations_own_function():
+    """GPT.generate is attached by fusedgpt.generation (models never import it: tests/test_layers.py)."""
     assert fusedgpt.models.GPT.generate is generate
 
 

@@ -131,6 +131,37 @@ def test_from_config_builds_random_models():
         GPTConfig(family="gpt2", vocab_size=10, hidden_size=30, num_layers=1, num_heads=4, ffn_size=8, max_positions=8)
 
 
+def _column_major(weight):
+    return weight.stride() == (1, weight.shape[0])
+
+
+def test_matrices_are_laid_out_for_their_device_and_dtype():
+    """float32 on the CPU: every matrix the model multiplies by (each Linear's weight, the tied lm_head)
+    is column-major, whichever way the model was built or moved; other dtypes row-major. Values, shapes,
+    the Parameters themselves and the logits do not change."""
+    config = dataclasses.replace(convert_config(gpt2_config()), tie_word_embeddings=True)
+    model = from_config(config)
+    matrices = model.matrices()
+    assert len(matrices) == 4 * config.num_layers + 1 and all(_column_major(w) for w in matrices)
+    assert any(w is model.embed_tokens.weight for w in matrices)  # tied: the embedding is the lm_head
+    ids = torch.randint(0, config.vocab_size, (2, 6))
+    logits = model(ids)
+    rows = copy.deepcopy(model)
+    for weight in rows.matrices():
+        weight.data = weight.data.contiguous()  # the same values, row-major
+    torch.testing.assert_close(model(ids), rows(ids), rtol=1e-5, atol=1e-5)
+    before = [id(w) for w in model.parameters()]
+    model.half()
+    assert all(w.is_contiguous() for w in model.matrices()) and model.dtype == torch.float16
+    model.float()
+    assert all(_column_major(w) for w in model.matrices()) and [id(w) for w in model.parameters()] == before
+    torch.testing.assert_close(model(ids), logits, rtol=1e-2, atol=1e-2)  # through float16 and back
+    loaded = fusedgpt.from_hf(hf_model("gpt2"), dtype=torch.float32)
+    assert all(_column_major(w) for w in loaded.matrices())
+    assert all(w.is_contiguous() for w in fusedgpt.from_hf(hf_model("gpt2"),
+                                                          dtype=torch.bfloat16).matrices())
+
+
 # ---- real sizes on a GPU -------------------------------------------------------------------------------
 
 REAL_SIZES = {

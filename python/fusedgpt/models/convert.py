@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from fusedgpt.models.gpt import GPTConfig
+from fusedgpt.nn.bias_act import HF_ACTIVATIONS  # Hugging Face names -> fusedgpt's (gelu_fast: the same tanh)
 
 Tensor = torch.Tensor
-
-# Hugging Face activation names -> fusedgpt.ops.bias_act's (gelu_fast is the same tanh formula).
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                  "gelu": "gelu", "relu": "relu"}
 
 
 def hf_setting(hf_config: dict, defaults: dict, *names: str):

@@ -8,6 +8,11 @@ import torch
 from fusedgpt.ops._limits import ACTIVATIONS
 from fusedgpt.ops.bias_act import bias_act
 
+# Hugging Face's activation_function names -> the activation LinearAct runs for them (the models' config
+# conversion and patch() both read it, from here: the layer below them).
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu", "relu": "relu"}
+
 
 class LinearAct(torch.nn.Linear):
     """torch.nn.Linear (same constructor, `weight` [out, in] and `bias` [out], same state-dict keys) whose

@@ -11,8 +11,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from fusedgpt.models.convert import HF_ACTIVATIONS
 from fusedgpt.nn import LayerNorm
+from fusedgpt.nn.bias_act import HF_ACTIVATIONS
 from fusedgpt.ops import bias_act
 
 Tensor = torch.Tensor
