@@ -70,9 +70,44 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _attend_tiles(q, m_i, l_i, acc, k_base, v_base, stride_ks, stride_vs, offs_d, d_mask, query_pos, n_lo, n_hi,
+                  start, kv_len, window, scale_log2, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """Folds the key tiles n0 = n_lo, n_lo + BLOCK_N, ... < n_hi into the running softmax. MASKED=False:
+    tiles inside every bound for every query of the block (no mask, no key-range check on the loads;
+    EVEN_D: the head dim is a power of two, so no load needs a mask at all)."""
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+        if MASKED:
+            in_range = offs_n < kv_len
+            k = tl.load(k_ptrs, mask=in_range[None, :] & d_mask[:, None], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        scores = _tile_scores(q, k, IEEE) * scale_log2
+        if MASKED:
+            visible = (offs_n[None, :] >= start) & in_range[None, :]
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= query_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
+            scores = tl.where(visible, scores, float("-inf"))
+            v = tl.load(v_ptrs, mask=in_range[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
+    return m_i, l_i, acc
+
+
 @triton.autotune(
     configs=_INTERPRETER_CONFIGS if _interpreting() else _GPU_CONFIGS,
-    key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KV_START", "IEEE"],
+    key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_KV_START", "IEEE", "len_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -92,6 +127,8 @@ def _attention_fwd_kernel(
     kv_len,
     window,
     scale_log2,  # scale * log2(e)
+    len_bucket,  # Sk rounded up to a power of two: only in the autotuner's key (short and long sequences
+                 # get their own best configuration)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     IS_CAUSAL: tl.constexpr,
@@ -102,6 +139,8 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     block_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks see the most keys: they start first, the short ones fill the tail
+        block_m = tl.num_programs(0) - 1 - block_m
     batch_head = tl.program_id(1)
     b = (batch_head // heads).to(tl.int64)
     h = (batch_head % heads).to(tl.int64)
@@ -126,34 +165,33 @@ def _attention_fwd_kernel(
     hi = kv_len
     if IS_CAUSAL:
         hi = tl.minimum(hi, last_pos + 1)
+    # The tiles inside every bound for every query of the block (the common case off the diagonal and the
+    # window's edge) run unmasked between the masked ones before (padding, window) and after (diagonal,
+    # the end of the keys): Triton's tutorial's two-stage loop, in three stages.
+    inner_lo = tl.cdiv(start, BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        inner_lo = tl.maximum(inner_lo, tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N)
+    inner_lo = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    inner_end = kv_len
+    if IS_CAUSAL:
+        inner_end = tl.minimum(inner_end, first_pos + 1)
+    inner_hi = tl.minimum(tl.maximum((inner_end // BLOCK_N) * BLOCK_N, inner_lo), hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
-                    mask=(offs_n[None, :] < kv_len) & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        scores = _tile_scores(q, k, IEEE) * scale_log2
-        # Only tiles that cross a bound need the mask; those strictly inside every bound (the common
-        # case off the diagonal) skip it.
-        crosses = (n0 < start) | (n0 + BLOCK_N > kv_len)
-        if IS_CAUSAL:
-            crosses = crosses | (n0 + BLOCK_N - 1 > first_pos)
-        if HAS_WINDOW:
-            crosses = crosses | (n0 <= last_pos - window)
-        if crosses:
-            visible = (offs_n[None, :] >= start) & (offs_n[None, :] < kv_len)
-            if IS_CAUSAL:
-                visible = visible & (offs_n[None, :] <= query_pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
-            scores = tl.where(visible, scores, float("-inf"))
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
-                    mask=(offs_n[:, None] < kv_len) & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
+    if HAS_WINDOW or HAS_KV_START:  # else lo = inner_lo = 0: no tile before the interior
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_base, v_base, stride_ks, stride_vs, offs_d, d_mask,
+                                      query_pos, lo, inner_lo, start, kv_len, window, scale_log2, IS_CAUSAL,
+                                      HAS_WINDOW, IEEE, BLOCK_N, HEAD_DIM == BLOCK_D, True)
+    m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_base, v_base, stride_ks, stride_vs, offs_d, d_mask, query_pos,
+                                  inner_lo, inner_hi, start, kv_len, window, scale_log2, IS_CAUSAL, HAS_WINDOW, IEEE,
+                                  BLOCK_N, HEAD_DIM == BLOCK_D, False)
+    m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_base, v_base, stride_ks, stride_vs, offs_d, d_mask, query_pos,
+                                  inner_hi, hi, start, kv_len, window, scale_log2, IS_CAUSAL, HAS_WINDOW, IEEE,
+                                  BLOCK_N, HEAD_DIM == BLOCK_D, True)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: acc is 0, the output too
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -179,7 +217,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         q, k, v, out, kv_start if kv_start is not None else q,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         kv_start.stride(0) if kv_start is not None else 0, heads, q_len, kv_len, window if window is not None else 0, scale * LOG2_E,
-        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), IS_CAUSAL=causal, HAS_WINDOW=window is not None,
+        min(triton.next_power_of_2(kv_len), 1 << 16), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), IS_CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
     )
     return out

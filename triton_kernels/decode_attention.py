@@ -8,9 +8,9 @@ and sees key j iff j <= its position, j > position - window (window) and j >= kv
 Pass 1, grid (splits, B * H): each program takes an equal share of the visible key range [lo, hi) of
 its sequence (computed on the device from cache_lens, so the launch shape depends only on host values:
 capturable in a CUDA graph and replayable with new lengths), runs the online softmax over it and
-writes its partial (max, normaliser, unnormalised accumulator). New tokens are read from k, v
-themselves, never from the cache slots that split 0 writes them to in the same launch, so there is no
-race. A sequence whose new tokens would not fit (cache_lens[b] + T > S_max) is attended to correctly
+writes its partial (max, normaliser, unnormalised accumulator): a loop over the cached keys of its
+share, then one tile of the new tokens that fall in it. New tokens are read from k, v themselves, never
+from the cache slots that split 0 writes them to in the same launch, so there is no race. A sequence whose new tokens would not fit (cache_lens[b] + T > S_max) is attended to correctly
 but not written. Pass 2, grid (B * H,): combines the splits."""
 
 from __future__ import annotations
@@ -104,27 +104,34 @@ def _decode_attention_split_kernel(
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for n0 in range(split_lo, split_hi, BLOCK_N):
+    # The cached keys of this split: two loads per tile, which the compiler pipelines (the new tokens'
+    # loads stay out of this loop: inside it, they doubled its shared-memory buffers).
+    for n0 in range(split_lo, tl.minimum(split_hi, cached), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         from_cache = offs_n < cached
         k = tl.load(K_CACHE + b * stride_kcb + h * stride_kch + offs_n[None, :] * stride_kcs + offs_d[:, None],
                     mask=from_cache[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         v = tl.load(V_CACHE + b * stride_vcb + h * stride_vch + offs_n[:, None] * stride_vcs + offs_d[None, :],
                     mask=from_cache[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        if HAS_NEW:  # the new tokens come from k, v (exactly one of the two loads is unmasked per key)
-            new_index = offs_n - cache_len
-            from_new = (new_index >= 0) & (new_index < tokens)
-            k += tl.load(K_NEW + b * stride_knb + h * stride_knh + new_index[None, :] * stride_knt + offs_d[:, None],
-                         mask=from_new[None, :] & d_mask[:, None], other=0.0)
-            v += tl.load(V_NEW + b * stride_vnb + h * stride_vnh + new_index[:, None] * stride_vnt + offs_d[None, :],
-                         mask=from_new[:, None] & d_mask[None, :], other=0.0)
         scores = _tile_scores(q, k, IEEE) * scale_log2
         visible = (offs_n[None, :] < split_hi) & (offs_n[None, :] <= query_pos[:, None])
-        visible = visible & (offs_n[None, :] >= lo)
-        if not HAS_NEW:
-            visible = visible & from_cache[None, :]
+        visible = visible & (offs_n[None, :] >= lo) & from_cache[None, :]
         if HAS_WINDOW:
             visible = visible & (offs_n[None, :] > query_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
+    if HAS_NEW:  # the new tokens in this split's range (positions cached + i): one tile, from k, v themselves
+        offs_i = tl.arange(0, BLOCK_T)
+        new_pos = cached + offs_i
+        from_new = (offs_i < tokens) & (new_pos >= split_lo) & (new_pos < split_hi)
+        k = tl.load(K_NEW + b * stride_knb + h * stride_knh + offs_i[None, :] * stride_knt + offs_d[:, None],
+                    mask=from_new[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_T)
+        v = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + offs_i[:, None] * stride_vnt + offs_d[None, :],
+                    mask=from_new[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_T, BLOCK_D)
+        scores = _tile_scores(q, k, IEEE) * scale_log2
+        visible = from_new[None, :] & (new_pos[None, :] <= query_pos[:, None]) & (new_pos[None, :] >= lo)
+        if HAS_WINDOW:
+            visible = visible & (new_pos[None, :] > query_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
 

@@ -17,10 +17,11 @@ static_assert(kMaxColumns <= 16 * 1024, "layer_norm holds at most 16 vectors per
 
 // Each thread owns ITERS vectors of VEC columns: column = (iter * blockDim.x + threadIdx.x) * VEC.
 template <typename T, int VEC, int ITERS>
-__global__ void __launch_bounds__(1024) layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(1024, 1) layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                       const T* __restrict__ weight, const T* __restrict__ bias,
                                       T* __restrict__ y, T* __restrict__ sum_out, int columns,
-                                      int64_t x_row_stride, int64_t residual_row_stride, float eps) {
+                                      float inv_columns, int64_t x_row_stride, int64_t residual_row_stride,
+                                      float eps) {
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_row_stride;
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(1024) layer_norm_fwd_kernel(const T* __restric
       }
     }
   }
-  const float mean = block_sum(local_sum, scratch) / columns;  // of the shifted row
+  const float mean = block_sum(local_sum, scratch) * inv_columns;  // of the shifted row; 1/C from the host
 
   float local_squares = 0.f;
 #pragma unroll
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(1024) layer_norm_fwd_kernel(const T* __restric
       }
     }
   }
-  const float rstd = rsqrtf(block_sum(local_squares, scratch) / columns + eps);
+  const float rstd = rsqrtf(block_sum(local_squares, scratch) * inv_columns + eps);
 
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
@@ -89,26 +90,42 @@ __global__ void __launch_bounds__(1024) layer_norm_fwd_kernel(const T* __restric
 // Threads per row and vectors per thread: up to 512 threads with up to 4 vectors each, then up to 1024
 // threads with up to 16. Registers hold ITERS * VEC floats per thread; ptxas (sm_90) reports about 60
 // registers at ITERS * VEC = 32 and 160 at 64, which would cap residency at one 256-thread block per SM.
+constexpr int vectors_per_thread(int64_t vectors) {
+  int iters = 1;
+  while (iters < 16 && (iters < 4 ? vectors > 512 * iters : vectors > 1024 * iters)) iters *= 2;
+  return iters;
+}
+
 template <typename T, int VEC>
 void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual_row_stride, const T* weight,
                        const T* bias, T* y, T* sum_out, float eps, cudaStream_t stream) {
   const int64_t rows = x2.size(0);
   const int columns = static_cast<int>(x2.size(1));
   const int vectors = static_cast<int>(ceil_div(columns, VEC));  // columns <= kMaxColumns
-  int iters = 1;
-  while (iters < 16 && (iters < 4 ? vectors > 512 * iters : vectors > 1024 * iters)) iters *= 2;
+  const int iters = vectors_per_thread(vectors);
   const int threads = std::max(32, static_cast<int>(ceil_div(ceil_div(vectors, iters), 32) * 32));
   const T* x = reinterpret_cast<const T*>(x2.data_ptr());
   auto launch = [&](auto kernel) {
-    kernel<<<rows, threads, 0, stream>>>(x, residual, weight, bias, y, sum_out, columns, x2.stride(0),
-                                         residual_row_stride, eps);
+    kernel<<<rows, threads, 0, stream>>>(x, residual, weight, bias, y, sum_out, columns, 1.f / columns,
+                                         x2.stride(0), residual_row_stride, eps);
   };
-  switch (iters) {
-    case 1: launch(layer_norm_fwd_kernel<T, VEC, 1>); break;
-    case 2: launch(layer_norm_fwd_kernel<T, VEC, 2>); break;
-    case 4: launch(layer_norm_fwd_kernel<T, VEC, 4>); break;
-    case 8: launch(layer_norm_fwd_kernel<T, VEC, 8>); break;
-    default: launch(layer_norm_fwd_kernel<T, VEC, 16>); break;
+  // Only the instantiations this VEC can reach (the widest rows, kMaxColumns, need kMaxIters): the others
+  // would be compiled for nothing, and the widest of them spill.
+  constexpr int kMaxIters = vectors_per_thread((kMaxColumns + VEC - 1) / VEC);
+  if (iters == 1) {
+    launch(layer_norm_fwd_kernel<T, VEC, 1>);
+  } else if (iters == 2) {
+    launch(layer_norm_fwd_kernel<T, VEC, 2>);
+  } else if (iters == 4) {
+    launch(layer_norm_fwd_kernel<T, VEC, 4>);
+  } else if constexpr (kMaxIters >= 8) {
+    if (iters == 8) {
+      launch(layer_norm_fwd_kernel<T, VEC, 8>);
+    } else {
+      launch(layer_norm_fwd_kernel<T, VEC, 16>);
+    }
+  } else {
+    FUSEDGPT_CHECK(false, "layer_norm", "internal: ", iters, " vectors per thread for ", columns, " columns");
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

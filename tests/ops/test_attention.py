@@ -96,6 +96,25 @@ def test_left_padding_with_all_padding_rows(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_random_bounds_across_tile_stages(backend, device):
+    """Random lengths, windows and padding, so that a block's key tiles fall in every stage of the Triton
+    kernel's loop (masked before the interior, unmasked inside it, masked after) and on its edges, at a
+    power-of-two head dim (no load masked inside) and another."""
+    skip_unsupported(backend, device, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    dims = (16, 24) if device == "cpu" else (64, 80)
+    for trial in range(15):
+        def draw(low, high):
+            return int(torch.randint(low, high, (), generator=generator))
+        kv_len = draw(1, 90 if device == "cpu" else 700)
+        q_len = draw(1, kv_len + 1)
+        window = [None, draw(1, 40), draw(1, kv_len + 2)][trial % 3]
+        kv_start = torch.tensor([draw(0, kv_len), 0], dtype=torch.int32, device=device) if trial % 4 else None
+        dtype = torch.float32 if backend != "cuda" else torch.float16
+        _check(backend, *_qkv(2, q_len, kv_len, 1, dims[trial % 2], dtype, device), window=window, kv_start=kv_start)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_strided_views_need_no_copy(backend, device):
     skip_unsupported(backend, device, torch.float16)
     batch, seq, heads, dim = 2, 37, 3, 64
