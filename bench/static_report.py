@@ -166,8 +166,11 @@ def _attention_cases(dtype):
                    4 * batch * seq * heads * dim * element, launch, code)
 
 
+H200_MULTIPROCESSORS = 132  # the lent H200, as PyTorch reported it (/work/.library/device/KINDS.md, 2026-10-28)
+
+
 def _decode_attention_cases(dtype):
-    from fusedgpt.triton_kernels.decode_attention import decode_attention_fwd
+    from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
 
     module = bench_decode_attention
     for case in module.benchmark_cases(quick=False):
@@ -178,9 +181,12 @@ def _decode_attention_cases(dtype):
 
         def launch(batch=batch, heads=heads, dim=dim, window=window, tokens=tokens, max_len=max_len):
             new = lambda: _meta(batch, tokens, heads, dim, dtype=dtype)  # noqa: E731  (B, T, H, D)
+            # The split count an H200 would get (one split compiles the variant that writes out directly).
+            key_range = (min(max_len, window) if window is not None else max_len) + tokens
+            splits = choose_splits(batch * heads, key_range, 64, None, processors=H200_MULTIPROCESSORS)
             decode_attention_fwd(new(), _meta(batch, max_len, heads, dim, dtype=dtype),
                                  _meta(batch, max_len, heads, dim, dtype=dtype),
-                                 _meta(batch, dtype=torch.int32), new(), new(), window, dim ** -0.5, None)
+                                 _meta(batch, dtype=torch.int32), new(), new(), window, dim ** -0.5, None, splits)
 
         small_len = 300 if window is not None else 96
         code = (f"caches = [torch.randn(1, {small_len + 16}, 2, {dim}, dtype={dtype}) for _ in range(2)]\n"

@@ -10,7 +10,8 @@ its sequence (computed on the device from cache_lens, so the launch shape depend
 capturable in a CUDA graph and replayable with new lengths), runs the online softmax over it and
 writes its partial (max, normaliser, unnormalised accumulator): a loop over the cached keys of its
 share, then one tile of the new tokens that fall in it. New tokens are read from k, v themselves, never
-from the cache slots that split 0 writes them to in the same launch, so there is no race. A sequence whose new tokens would not fit (cache_lens[b] + T > S_max) is attended to correctly
+from the cache slots that split 0 writes them to in the same launch, so there is no race. With one split
+the split kernel writes the output itself and pass 2 is not launched. A sequence whose new tokens would not fit (cache_lens[b] + T > S_max) is attended to correctly
 but not written. Pass 2, grid (B * H,): combines the splits."""
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _decode_attention_split_kernel(
     K_NEW,  # [B, T, H, D] (unused unless HAS_NEW)
     V_NEW,  # [B, T, H, D] (unused unless HAS_NEW)
     KV_START,  # [B] int32 (unused unless HAS_KV_START)
-    PART_ACC,  # [B * H, splits, BLOCK_T, BLOCK_D] fp32
-    PART_STATS,  # [B * H, splits, 2, BLOCK_T] fp32: running max (log2 units), normaliser
+    PART_ACC,  # [B * H, splits, T, BLOCK_D] fp32 (unused when DIRECT)
+    PART_STATS,  # [B * H, splits, 2, T] fp32: running max (log2 units), normaliser (unused when DIRECT)
+    OUT,  # [B, T, H, D], contiguous: written here when DIRECT
+    stride_ob, stride_ot, stride_oh,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
@@ -56,6 +59,7 @@ def _decode_attention_split_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: write the output itself (no combine launch)
 ):
     split = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -135,16 +139,21 @@ def _decode_attention_split_kernel(
         scores = tl.where(visible, scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, IEEE)
 
-    part = batch_head.to(tl.int64) * num_splits + split
-    tl.store(PART_ACC + (part * BLOCK_T + offs_t[:, None]) * BLOCK_D + offs_d[None, :], acc)
-    tl.store(PART_STATS + (part * 2) * BLOCK_T + offs_t, m_i)
-    tl.store(PART_STATS + (part * 2 + 1) * BLOCK_T + offs_t, l_i)
+    if DIRECT:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # nothing visible: zeros
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=t_mask[:, None] & d_mask[None, :])
+    else:  # the partials of the real queries only (T of them, not BLOCK_T)
+        part = batch_head.to(tl.int64) * num_splits + split
+        tl.store(PART_ACC + (part * tokens + offs_t[:, None]) * BLOCK_D + offs_d[None, :], acc, mask=t_mask[:, None])
+        tl.store(PART_STATS + (part * 2) * tokens + offs_t, m_i, mask=t_mask)
+        tl.store(PART_STATS + (part * 2 + 1) * tokens + offs_t, l_i, mask=t_mask)
 
 
 @triton.jit
 def _decode_attention_combine_kernel(
-    PART_ACC,  # [B * H, splits, BLOCK_T, BLOCK_D] fp32
-    PART_STATS,  # [B * H, splits, 2, BLOCK_T] fp32
+    PART_ACC,  # [B * H, splits, T, BLOCK_D] fp32
+    PART_STATS,  # [B * H, splits, 2, T] fp32
     OUT,  # [B, T, H, D], contiguous
     stride_ob, stride_ot, stride_oh,
     heads,
@@ -159,17 +168,21 @@ def _decode_attention_combine_kernel(
     h = batch_head % heads
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
+    t_mask = offs_t < tokens
     first = batch_head * num_splits
     m_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        m_max = tl.maximum(m_max, tl.load(PART_STATS + ((first + s) * 2) * BLOCK_T + offs_t))
+        m_max = tl.maximum(m_max, tl.load(PART_STATS + ((first + s) * 2) * tokens + offs_t, mask=t_mask,
+                                          other=float("-inf")))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
     for s in range(num_splits):
-        weight = tl.exp2(tl.load(PART_STATS + ((first + s) * 2) * BLOCK_T + offs_t) - m_safe)
-        l_sum += weight * tl.load(PART_STATS + ((first + s) * 2 + 1) * BLOCK_T + offs_t)
-        acc += weight[:, None] * tl.load(PART_ACC + ((first + s) * BLOCK_T + offs_t[:, None]) * BLOCK_D + offs_d[None, :])
+        m_s = tl.load(PART_STATS + ((first + s) * 2) * tokens + offs_t, mask=t_mask, other=float("-inf"))
+        weight = tl.exp2(m_s - m_safe)
+        l_sum += weight * tl.load(PART_STATS + ((first + s) * 2 + 1) * tokens + offs_t, mask=t_mask, other=0.0)
+        acc += weight[:, None] * tl.load(PART_ACC + ((first + s) * tokens + offs_t[:, None]) * BLOCK_D + offs_d[None, :],
+                                         mask=t_mask[:, None], other=0.0)
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]  # nothing visible: zeros
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=(offs_t[:, None] < tokens) & (offs_d[None, :] < HEAD_DIM))
@@ -180,10 +193,13 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_splits(batch_heads: int, key_range: int, block_n: int, device: torch.device) -> int:
+def choose_splits(batch_heads: int, key_range: int, block_n: int, device: torch.device | None, *,
+                  processors: int | None = None) -> int:
     """Splits along the keys: about two programs per multiprocessor, never more than one tile of keys
-    per split. Depends on host values only (shapes, window), never on cache_lens."""
-    processors = _multiprocessors(device.index or 0) if device.type == "cuda" else 4
+    per split. Depends on host values only (shapes, window), never on cache_lens. `processors` overrides
+    the device's multiprocessor count (bench/static_report.py asks what an H200 would choose)."""
+    if processors is None:
+        processors = _multiprocessors(device.index or 0) if device is not None and device.type == "cuda" else 4
     tiles = triton.cdiv(max(key_range, 1), block_n)
     return max(1, min(tiles, triton.cdiv(2 * processors, batch_heads), 128))
 
@@ -205,19 +221,23 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_n = 64
     key_range = (min(max_len, window) if window is not None else max_len) + tokens
     splits = num_splits or choose_splits(batch * heads, key_range, block_n, q.device)
-    part_acc = torch.empty((batch * heads, splits, block_t, block_d), dtype=torch.float32, device=q.device)
-    part_stats = torch.empty((batch * heads, splits, 2, block_t), dtype=torch.float32, device=q.device)
+    direct = splits == 1  # nothing to combine: the split kernel writes out
+    parts = 0 if direct else batch * heads * splits
+    part_acc = torch.empty((parts, tokens, block_d), dtype=torch.float32, device=q.device)
+    part_stats = torch.empty((parts, 2, tokens), dtype=torch.float32, device=q.device)
     has_new = k is not None
     _decode_attention_split_kernel[(splits, batch * heads)](
         q, k_cache, v_cache, cache_lens, k if has_new else q, v if has_new else q,
-        kv_start if kv_start is not None else cache_lens, part_acc, part_stats,
+        kv_start if kv_start is not None else cache_lens, part_acc, part_stats, out, *out.stride()[:3],
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         *(k.stride()[:3] if has_new else (0, 0, 0)), *(v.stride()[:3] if has_new else (0, 0, 0)),
         cache_lens.stride(0), kv_start.stride(0) if kv_start is not None else 0, heads, tokens, max_len, window if window is not None else 0, scale * LOG2_E, splits,
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_N=block_n, HAS_NEW=has_new,
         HAS_WINDOW=window is not None, HAS_KV_START=kv_start is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        DIRECT=direct, num_warps=4,
     )
+    if direct:
+        return out
     _decode_attention_combine_kernel[(batch * heads,)](
         part_acc, part_stats, out, *out.stride()[:3], heads, tokens, splits,
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,

@@ -6,7 +6,8 @@
 // a group's score is a shuffle reduction inside the group, and each group runs its own online softmax
 // over its keys, 4 keys per step so that several 16-byte loads are in flight per lane. The groups of a
 // block are merged in shared memory and the split's partial (max, sum, accumulator) is written out.
-// Pass 2, grid (B * H * T): merges the splits. The launch shape depends on host values only (shapes,
+// Pass 2, grid (B * H * T): merges the splits; with one split there is nothing to merge and pass 1 writes
+// the output itself (no second launch). The launch shape depends on host values only (shapes,
 // num_splits), never on cache_lens: capturable in a CUDA graph, replayable with new lengths.
 // The new tokens are read from k, v themselves (never from the cache slots being written in the same
 // launch), and the program of split 0 for query t writes token t into the caches if the block fits.
@@ -29,8 +30,10 @@ struct DecodeParams {
   const void* k_new;    // [B, T, H, D] or nullptr
   const void* v_new;
   const int* kv_start;  // [B] or nullptr
-  float* part_acc;      // [B * H, T, splits, D]
-  float* part_stats;    // [B * H, T, splits, 2]: max (log2 units), sum
+  float* part_acc;      // [B * H, T, splits, D] (unused with one split)
+  float* part_stats;    // [B * H, T, splits, 2]: max (log2 units), sum (unused with one split)
+  void* out;            // [B, T, H, D]: written here directly when there is one split
+  int64_t out_strides[3];
   int64_t q_strides[3], k_cache_strides[3], v_cache_strides[3], k_new_strides[3], v_new_strides[3];
   int heads, tokens, max_len, window, splits;
   float scale_log2;
@@ -126,82 +129,108 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
 
   float acc[kVec] = {};
   float running_max = -kInf, running_sum = 0.f;
-  // The loop bounds are uniform over the block (the shuffles below need every lane of a warp); each
-  // step covers kKeysPerStep * kGroups keys, key = step + u * kGroups + group.
-  for (int step = split_lo; step < split_hi; step += kGroups * kKeysPerStep) {
-    float k[kKeysPerStep][kVec], v[kKeysPerStep][kVec];
-    bool in_range[kKeysPerStep];
+  // Folds keys [key_lo, key_hi) into the running softmax; key j's row is rows_k / rows_v + (j - first)
+  // rows of their stride. Called for the cached keys of this split and then for its new tokens, so the
+  // choice between the cache and k, v is made once per range, not per key. The loop bounds are uniform
+  // over the block (the shuffles below need every lane of a warp); each step covers
+  // kKeysPerStep * kGroups keys, key = step + u * kGroups + group.
+  const auto attend_keys = [&](int key_lo, int key_hi, const Element* rows_k, int64_t stride_k,
+                               const Element* rows_v, int64_t stride_v, int first) {
+    for (int step = key_lo; step < key_hi; step += kGroups * kKeysPerStep) {
+      float k[kKeysPerStep][kVec], v[kKeysPerStep][kVec];
+      bool in_range[kKeysPerStep];
 #pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {  // issue every load of the step before any math
-      const int key = step + u * kGroups + group;
-      const bool from_cache = key < cached;
-      in_range[u] = key < split_hi && (from_cache || (has_new && key >= cache_len));
-      const int64_t new_index = key - cache_len;
-      const Element* k_row = from_cache ? k_cache + key * p.k_cache_strides[1]
-                                        : (has_new ? k_new + new_index * p.k_new_strides[1] : k_cache);
-      const Element* v_row = from_cache ? v_cache + key * p.v_cache_strides[1]
-                                        : (has_new ? v_new + new_index * p.v_new_strides[1] : v_cache);
-      load_vector<Element, kVec>(k_row + dim, in_range[u] && dim_valid, k[u]);
-      load_vector<Element, kVec>(v_row + dim, in_range[u] && dim_valid, v[u]);
-    }
-    float scores[kKeysPerStep];
-    float step_max = running_max;
-#pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
-      float partial = 0.f;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) partial += q[i] * k[u][i];
-#pragma unroll
-      for (int offset = kLanesPerKey / 2; offset > 0; offset >>= 1) {
-        partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+      for (int u = 0; u < kKeysPerStep; ++u) {  // issue every load of the step before any math
+        const int key = step + u * kGroups + group;
+        in_range[u] = key < key_hi;
+        const int64_t row = key - first;
+        load_vector<Element, kVec>(rows_k + row * stride_k + dim, in_range[u] && dim_valid, k[u]);
+        load_vector<Element, kVec>(rows_v + row * stride_v + dim, in_range[u] && dim_valid, v[u]);
       }
-      scores[u] = in_range[u] ? partial : -kInf;
-      step_max = fmaxf(step_max, scores[u]);
+      float scores[kKeysPerStep];
+      float step_max = running_max;
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) {
+        float partial = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) partial += q[i] * k[u][i];
+#pragma unroll
+        for (int offset = kLanesPerKey / 2; offset > 0; offset >>= 1) {
+          partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+        }
+        scores[u] = in_range[u] ? partial : -kInf;
+        step_max = fmaxf(step_max, scores[u]);
+      }
+      const float safe_max = step_max == -kInf ? 0.f : step_max;
+      const float alpha = exp2f(running_max - safe_max);
+      running_sum *= alpha;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) {
+        const float weight = exp2f(scores[u] - safe_max);
+        running_sum += weight;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] += weight * v[u][i];
+      }
+      running_max = step_max;
     }
-    const float safe_max = step_max == -kInf ? 0.f : step_max;
-    const float alpha = exp2f(running_max - safe_max);
-    running_sum *= alpha;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) acc[i] *= alpha;
-#pragma unroll
-    for (int u = 0; u < kKeysPerStep; ++u) {
-      const float weight = exp2f(scores[u] - safe_max);
-      running_sum += weight;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] += weight * v[u][i];
-    }
-    running_max = step_max;
+  };
+  attend_keys(split_lo, min(split_hi, cached), k_cache, p.k_cache_strides[1], v_cache, p.v_cache_strides[1], 0);
+  if (has_new) {  // the new tokens (positions cache_len + i) that fall in this split, from k, v themselves
+    attend_keys(max(split_lo, cached), split_hi, k_new, p.k_new_strides[1], v_new, p.v_new_strides[1], cache_len);
   }
 
   // Merge the block's groups, then write this split's partial.
   __shared__ float group_max[kGroups], group_sum[kGroups];
-  __shared__ float group_acc[kGroups][HEAD_DIM];
+  alignas(16) __shared__ float group_acc[kGroups][HEAD_DIM];
   if (lane_in_group == 0) {
     group_max[group] = running_max;
     group_sum[group] = running_sum;
   }
   if (dim_valid) {
+    // 16-byte stores, which the hardware serves 8 lanes at a time: 8 lanes whose dims are 8 floats apart
+    // (fp16 / bf16) would put two stores on each half of the banks, so lanes 4-7 of every 8 store their
+    // second 4 floats first (the two halves' quads then differ in every lane): no bank conflict.
+    using Quad = Vec<float, 4>;
+    static_assert(kVec % 4 == 0, "acc is stored in quads");
+    constexpr int kQuads = kVec / 4;
+    const int rotate = kQuads == 2 ? (lane_in_group >> 2) & 1 : 0;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) group_acc[group][dim + i] = acc[i];
+    for (int s = 0; s < kQuads; ++s) {
+      const int quad = s ^ rotate;  // 0 or 1 (kVec = 8), 0 (kVec = 4)
+      Quad value;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) value.v[i] = quad == 0 ? acc[i] : acc[(kQuads - 1) * 4 + i];
+      *reinterpret_cast<Quad*>(&group_acc[group][dim + 4 * quad]) = value;
+    }
   }
   __syncthreads();
   float block_max = -kInf;
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) block_max = fmaxf(block_max, group_max[g]);
   const float safe_block_max = block_max == -kInf ? 0.f : block_max;
+  float block_sum = 0.f;  // every thread reads the same words: broadcasts
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) block_sum += group_sum[g] * exp2f(group_max[g] - safe_block_max);
+  // The only split: the output itself, as the combine would write it (nothing visible: zeros).
+  const bool only_split = p.splits == 1;
+  const float inverse = block_sum > 0.f ? 1.f / block_sum : 0.f;
+  Element* out_row = static_cast<Element*>(p.out) + b * p.out_strides[0] + t * p.out_strides[1] + h * p.out_strides[2];
   const int64_t part = (static_cast<int64_t>(batch_head) * p.tokens + t) * p.splits + split;
   for (int d = threadIdx.x; d < HEAD_DIM; d += kDecodeThreads) {
     float total = 0.f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) total += group_acc[g][d] * exp2f(group_max[g] - safe_block_max);
-    p.part_acc[part * HEAD_DIM + d] = total;
+    if (only_split) {
+      out_row[d] = from_float<Element>(total * inverse);
+    } else {
+      p.part_acc[part * HEAD_DIM + d] = total;
+    }
   }
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) total += group_sum[g] * exp2f(group_max[g] - safe_block_max);
+  if (!only_split && threadIdx.x == 0) {
     p.part_stats[part * 2] = block_max;
-    p.part_stats[part * 2 + 1] = total;
+    p.part_stats[part * 2 + 1] = block_sum;
   }
 }
 
@@ -235,6 +264,7 @@ void launch_decode(const DecodeParams& params, int batch, at::Tensor& out, cudaS
   const dim3 split_grid(params.splits, batch * params.heads, params.tokens);
   decode_attention_split_kernel<Element, HEAD_DIM><<<split_grid, kDecodeThreads, 0, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (params.splits == 1) return;  // the split kernel wrote the output
   decode_attention_combine_kernel<Element, HEAD_DIM><<<batch * params.heads * params.tokens, kDecodeThreads, 0, stream>>>(
       params.part_acc, params.part_stats, reinterpret_cast<Element*>(out.data_ptr()), params.heads, params.tokens,
       params.splits, out.stride(0), out.stride(1), out.stride(2));
@@ -302,8 +332,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   const int splits = static_cast<int>(num_splits);
-  at::Tensor part_acc = at::empty({batch * heads * tokens * splits * dim}, q.options().dtype(at::kFloat));
-  at::Tensor part_stats = at::empty({batch * heads * tokens * splits * 2}, q.options().dtype(at::kFloat));
+  const int64_t parts = splits > 1 ? batch * heads * tokens * splits : 0;  // one split writes out directly
+  at::Tensor part_acc = at::empty({parts * dim}, q.options().dtype(at::kFloat));
+  at::Tensor part_stats = at::empty({parts * 2}, q.options().dtype(at::kFloat));
   const at::Tensor lens = cache_lens.contiguous();
   const at::Tensor starts = kv_start ? kv_start->contiguous() : at::Tensor();
 
@@ -317,10 +348,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   params.kv_start = starts.defined() ? starts.data_ptr<int>() : nullptr;
   params.part_acc = part_acc.data_ptr<float>();
   params.part_stats = part_stats.data_ptr<float>();
+  params.out = out.data_ptr();
   const auto copy_strides = [](int64_t (&to)[3], const at::Tensor& t) {
     for (int i = 0; i < 3; ++i) to[i] = t.stride(i);
   };
   copy_strides(params.q_strides, q);
+  copy_strides(params.out_strides, out);
   copy_strides(params.k_cache_strides, k_cache);
   copy_strides(params.v_cache_strides, v_cache);
   if (k_new) {
