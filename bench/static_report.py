@@ -170,7 +170,7 @@ H200_MULTIPROCESSORS = 132  # the lent H200, as PyTorch reported it (/work/.libr
 
 
 def _decode_attention_cases(dtype):
-    from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
+    from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd, key_range
 
     module = bench_decode_attention
     for case in module.benchmark_cases(quick=False):
@@ -182,8 +182,8 @@ def _decode_attention_cases(dtype):
         def launch(batch=batch, heads=heads, dim=dim, window=window, tokens=tokens, max_len=max_len):
             new = lambda: _meta(batch, tokens, heads, dim, dtype=dtype)  # noqa: E731  (B, T, H, D)
             # The split count an H200 would get (one split compiles the variant that writes out directly).
-            key_range = (min(max_len, window) if window is not None else max_len) + tokens
-            splits = choose_splits(batch * heads, key_range, 64, None, processors=H200_MULTIPROCESSORS)
+            splits = choose_splits(batch * heads, key_range(max_len, window, tokens), 64, None,
+                                   processors=H200_MULTIPROCESSORS)
             decode_attention_fwd(new(), _meta(batch, max_len, heads, dim, dtype=dtype),
                                  _meta(batch, max_len, heads, dim, dtype=dtype),
                                  _meta(batch, dtype=torch.int32), new(), new(), window, dim ** -0.5, None, splits)

@@ -193,15 +193,20 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_splits(batch_heads: int, key_range: int, block_n: int, device: torch.device | None, *,
+def key_range(max_len: int, window: int | None, tokens: int) -> int:
+    """The most keys one query of a decode call can see: the cache (or its window) and the new tokens."""
+    return (min(max_len, window) if window is not None else max_len) + tokens
+
+
+def choose_splits(batch_heads: int, keys: int, block_n: int, device: torch.device | None, *,
                   processors: int | None = None) -> int:
     """Splits along the keys: about two programs per multiprocessor, never more than one tile of keys
     per split. Depends on host values only (shapes, window), never on cache_lens. `processors` overrides
     the device's multiprocessor count (bench/static_report.py asks what an H200 would choose)."""
     if processors is None:
         processors = _multiprocessors(device.index or 0) if device is not None and device.type == "cuda" else 4
-    tiles = triton.cdiv(max(key_range, 1), block_n)
-    return max(1, min(tiles, triton.cdiv(2 * processors, batch_heads), 128))
+    tiles = triton.cdiv(max(keys, 1), block_n)
+    return max(1, min(tiles, triton.cdiv(2 * processors, max(batch_heads, 1)), 128))  # an empty batch: 1
 
 
 def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
@@ -219,8 +224,7 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_t = max(16, triton.next_power_of_2(tokens))
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = 64
-    key_range = (min(max_len, window) if window is not None else max_len) + tokens
-    splits = num_splits or choose_splits(batch * heads, key_range, block_n, q.device)
+    splits = num_splits or choose_splits(batch * heads, key_range(max_len, window, tokens), block_n, q.device)
     direct = splits == 1  # nothing to combine: the split kernel writes out
     parts = 0 if direct else batch * heads * splits
     part_acc = torch.empty((parts, tokens, block_d), dtype=torch.float32, device=q.device)

@@ -8,6 +8,7 @@ from utils import (ALL_BACKENDS, DEVICES, DTYPES, assert_equal_with_nan, expecte
                    skip_unsupported)
 
 from fusedgpt.ops import kv_append, kv_append_reference
+from fusedgpt.ops.kv_append import kv_append_torch
 
 
 def _poisoned_cache(batch, max_len, heads, dim, dtype, device, layout="bshd"):
@@ -19,7 +20,7 @@ def _poisoned_cache(batch, max_len, heads, dim, dtype, device, layout="bshd"):
 
 def _append_unchecked(backend, *args):
     """The backend's op itself, without the public function's host check of CPU positions."""
-    ops = {"torch": kv_append_reference, "triton": torch.ops.fusedgpt.kv_append_triton,
+    ops = {"torch": kv_append_torch, "triton": torch.ops.fusedgpt.kv_append_triton,
            "cuda": getattr(torch.ops.fusedgpt, "kv_append", None)}
     ops[backend](*args)
 

@@ -29,7 +29,7 @@ from fusedgpt.ops._limits import CUDA_DECODE_ATTENTION_DTYPES, MAX_NEW_TOKENS
 from fusedgpt.ops.attention import (attention_kernel_limits, attention_reference, default_scale, torch_dtypes,
                                     visible_positions)
 from fusedgpt.ops.kv_append import append_index, kv_append_reference, write_rows
-from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd
+from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd, key_range
 
 Tensor = torch.Tensor
 
@@ -149,7 +149,7 @@ def _host_visibility(lengths: list[int], starts: list[int] | None, kv_start: Ten
     padded = kv_start is not None and (starts is None or any(start > 0 for start in starts))
     if tokens == 1 and not padded and (window is None or window >= keys):
         return _Visibility(keys, None, None, None, None, length)
-    first_key = kv_start.to(device)[:, None, None] if padded else None  # (B, 1, 1)
+    first_key = kv_start[:, None, None] if padded else None  # (B, 1, 1), on the device already
     mask = visible_positions(length + torch.arange(tokens, device=device)[:, None], torch.arange(keys, device=device),
                              causal=True, window=window, first_key=first_key)  # (B or 1... , T, K)
     mask = mask.view(-1, 1, tokens, keys)  # (B or 1, 1, T, K)
@@ -221,7 +221,7 @@ def _check(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start) -> No
         check_cache_writes(op, [("k_cache", k_cache), ("v_cache", v_cache)], [("k", k), ("v", v), ("q", q)])
 
 
-def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appending: bool) -> int:
+def _check_lengths_in_range(cache_lens: Tensor, tokens: int, max_len: int, appending: bool) -> list[int]:
     """Host check of cache_lens (reads them: a device sync when they live on a GPU); returns their values."""
     limit = max_len - tokens if appending else max_len
     values = cache_lens.tolist()
@@ -297,6 +297,10 @@ class DecodeAttentionPlan:
 
     def __init__(self, q, k_cache, v_cache, cache_lens, k, v, window, kv_start, backend, num_splits, lengths=None):
         self.backend, self.window, self.num_splits = backend, window, num_splits
+        if backend == "cuda" and num_splits is None:  # the CUDA op takes its split count from the host
+            batch, tokens, heads = q.shape[:3]
+            self.num_splits = choose_splits(batch * heads * tokens, key_range(k_cache.shape[1], window, tokens),
+                                            SPLIT_GRANULE, q.device)
         self.cache_lens = cache_lens.to(q.device)
         self.kv_start = kv_start.to(q.device) if kv_start is not None else None
         self.layout = None  # set by decode_attention_plan (the one-shot decode_attention runs no match)
@@ -339,12 +343,8 @@ class DecodeAttentionPlan:
             return _decode_attention_torch(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start,
                                            self.visibility)
         if self.backend == "cuda":
-            batch, tokens, heads = q.shape[:3]
-            max_len = k_cache.shape[1]
-            key_range = (min(max_len, window) if window is not None else max_len) + tokens
-            splits = self.num_splits or choose_splits(batch * heads * tokens, key_range, SPLIT_GRANULE, q.device)
             return torch.ops.fusedgpt.decode_attention(q, k_cache, v_cache, cache_lens, k, v, window, scale,
-                                                       kv_start, splits)
+                                                       kv_start, self.num_splits)
         return _decode_attention_triton(q, k_cache, v_cache, cache_lens, k, v, window, scale, kv_start,
                                         self.num_splits)
 

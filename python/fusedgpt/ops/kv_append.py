@@ -33,20 +33,13 @@ Tensor = torch.Tensor
 def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
     """The specification: for each b with 0 <= positions[b] <= S_max - T and each t < T,
     k_cache[b, positions[b] + t] = k[b, t] and v_cache[b, positions[b] + t] = v[b, t]; other sequences are
-    left untouched. Written without host reads of positions, so it is sync-free too."""
-    batch, tokens = k.shape[:2]
-    if batch == 0 or tokens == 0:
-        return
+    left untouched. Reads positions on the host; the sync-free torch backend is kv_append_torch."""
+    tokens = k.shape[1]
     max_start = k_cache.shape[1] - tokens
-    positions = positions.to(device=k_cache.device, dtype=torch.int64)
-    fits = (positions >= 0) & (positions <= max_start)  # (B,)
-    starts = torch.where(fits, positions, 0)
-    slots = starts[:, None] + torch.arange(tokens, device=k_cache.device)  # (B, T)
-    batch_ids = torch.arange(batch, device=k_cache.device)[:, None].expand(batch, tokens)  # (B, T)
-    for cache, new in ((k_cache, k), (v_cache, v)):
-        # A skipped sequence writes its own current contents back: same result as no write, no sync.
-        current = cache[batch_ids, slots]  # (B, T, H, D)
-        cache[batch_ids, slots] = torch.where(fits[:, None, None, None], new.to(cache.dtype), current)
+    for b, start in enumerate(positions.tolist()):
+        if tokens and 0 <= start <= max_start:
+            k_cache[b, start:start + tokens] = k[b]
+            v_cache[b, start:start + tokens] = v[b]
 
 
 def append_index(positions: Tensor, batch: int, tokens: int, max_len: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
