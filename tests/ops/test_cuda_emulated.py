@@ -52,6 +52,59 @@ def test_emulated_shuffles_and_shared_memory(emulated):
         torch.testing.assert_close(emulated.selftest_shuffle(x, offset), x.sum() + 1000 * neighbour)
 
 
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_emulated_ldmatrix_gives_the_ptx_fragments(emulated, transpose):
+    """Registers against the PTX ISA's ldmatrix layout, computed here from a matrix of distinct values
+    whose rows the lanes address in a random order (so each lane's address, not its index, decides)."""
+    rows = torch.randperm(2 ** 15)[:256].to(torch.int16).reshape(32, 8)
+    order = torch.randperm(32).to(torch.int32)
+    out = emulated.selftest_ldmatrix(rows, order, transpose).long() & 0xFFFFFFFF
+    matrices = rows.long()[order.long()].reshape(4, 8, 8) & 0xFFFF  # matrix i: the rows lanes 8i.. give
+    for lane in range(32):
+        outer, inner = lane // 4, 2 * (lane % 4)
+        for i in range(4):
+            m = matrices[i].T if transpose else matrices[i]
+            expected = int(m[outer, inner]) | int(m[outer, inner + 1]) << 16
+            assert int(out[lane, i]) == expected, (lane, i)
+
+
+def test_emulated_cp_async_lands_only_at_its_wait(emulated):
+    threads, shared_bytes = 64, 64 * 32 + 48
+    source = torch.randint(0, 255, (threads * 32,), dtype=torch.uint8)
+    fill = torch.full((shared_bytes - source.numel(),), 0xFF, dtype=torch.uint8)
+    landed = emulated.selftest_cp_async(source, 0, shared_bytes, False)
+    assert torch.equal(landed, torch.cat([source, fill]))  # and the rest of the buffer starts as 0xff
+    stale = emulated.selftest_cp_async(source, 1, shared_bytes, False)  # a barrier is not a wait
+    assert torch.equal(stale, torch.full_like(stale, 0xFF))
+    chunks = source.reshape(threads, 2, 16)
+    first_only = emulated.selftest_cp_async(source, 2, shared_bytes, False)[: source.numel()].reshape(threads, 2, 16)
+    assert torch.equal(first_only[:, 0], chunks[:, 0]) and bool((first_only[:, 1] == 0xFF).all())
+    zero_filled = emulated.selftest_cp_async(source, 3, shared_bytes, False)[: source.numel()].reshape(threads, 2, 16)
+    assert torch.equal(zero_filled[:, 0], chunks[:, 0]) and not zero_filled[:, 1].any()
+    with pytest.raises(RuntimeError, match="exited with cp.async copies"):
+        emulated.selftest_cp_async(source, 4, shared_bytes, False)
+
+
+def test_emulated_dynamic_shared_memory_above_48_kb_needs_the_attribute(emulated):
+    source = torch.randint(0, 255, (64 * 32,), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="cudaFuncSetAttribute"):
+        emulated.selftest_cp_async(source, 0, 64 * 1024, False)
+    out = emulated.selftest_cp_async(source, 0, 64 * 1024, True)
+    assert torch.equal(out[: source.numel()], source) and bool((out[source.numel():] == 0xFF).all())
+    with pytest.raises(RuntimeError, match="dynamic shared memory"):
+        emulated.selftest_cp_async(source, 0, 228 * 1024, False)
+
+
+def test_emulated_ex2_flushes_subnormals(emulated):
+    x = torch.cat([torch.randn(200) * 20, torch.tensor([0.0, -0.0, 1.0, -126.0, -126.5, -149.0, -200.0, 127.9,
+                                                        float("-inf"), float("inf"), 1e-40, float("nan")])])
+    out = emulated.selftest_ex2(x)
+    expected = torch.exp2(x.double())
+    expected[expected.abs() < 2.0 ** -126] = 0.0  # results below the normal range flush to zero
+    torch.testing.assert_close(out.double(), expected, rtol=2 ** -22, atol=0, equal_nan=True)
+    assert out[-2] == 1.0  # a subnormal input counts as zero
+
 @pytest.mark.parametrize("which,match", [
     (0, "deadlock"), (1, "a lane exited while .* wait in __shfl_xor_sync"),
     (2, r"divergent warp collective: this lane is in __shfl_xor_sync\([12]\) while others are in"), (4, None)])

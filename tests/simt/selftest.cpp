@@ -1,6 +1,7 @@
 // Kernels that test the CPU emulator itself (tests/simt/simt.h), built into the same library as the
 // emulated csrc/ and registered as torch.ops.fusedgpt_simt.selftest_*: the mma layout against a plain
-// matrix product, shuffles, and the errors the emulator must report instead of running on.
+// matrix product, ldmatrix's fragments, cp.async's landing rules, ex2.approx, dynamic shared memory,
+// shuffles, and the errors the emulator must report instead of running on.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -47,6 +48,80 @@ at::Tensor selftest_mma(const at::Tensor& a, const at::Tensor& b) {
         static_cast<const __nv_bfloat16*>(b.data_ptr()), d.data_ptr<float>());
   }
   return d;
+}
+
+// ldmatrix.x4 (kTranspose or not) of the 32 rows of `rows` (32 x 8 16-bit elements), lane l giving the
+// address of row order[l] of a shared copy: out[l][i] = lane l's register i.
+template <bool kTranspose>
+__global__ void ldmatrix_kernel(const uint16_t* rows, const int* order, int32_t* out) {
+  alignas(16) __shared__ uint16_t tile[32 * 8];
+  const int lane = threadIdx.x;
+  for (int e = 0; e < 8; ++e) tile[lane * 8 + e] = rows[lane * 8 + e];
+  __syncthreads();
+  uint32_t registers[4];
+  ::simt::ldmatrix_x4<kTranspose>(registers, tile + order[lane] * 8);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = static_cast<int32_t>(registers[i]);
+}
+
+at::Tensor selftest_ldmatrix(const at::Tensor& rows, const at::Tensor& order, bool transpose) {
+  TORCH_CHECK(rows.sizes() == at::IntArrayRef({32, 8}) && rows.scalar_type() == at::kShort && rows.is_contiguous());
+  TORCH_CHECK(order.sizes() == at::IntArrayRef({32}) && order.scalar_type() == at::kInt && order.is_contiguous());
+  at::Tensor out = at::empty({32, 4}, rows.options().dtype(at::kInt));
+  const auto* data = static_cast<const uint16_t*>(rows.data_ptr());
+  if (transpose) {
+    ::simt::Launch("ldmatrix_kernel<true>", 1, 32)(ldmatrix_kernel<true>, data, order.data_ptr<int>(),
+                                                   out.data_ptr<int32_t>());
+  } else {
+    ::simt::Launch("ldmatrix_kernel<false>", 1, 32)(ldmatrix_kernel<false>, data, order.data_ptr<int>(),
+                                                    out.data_ptr<int32_t>());
+  }
+  return out;
+}
+
+// cp.async into dynamic shared memory, then the whole buffer (`bytes` of it) copied out after a barrier.
+// Each thread copies chunks 2 t and 2 t + 1 (16 bytes each) of `source`, in two groups (one chunk each):
+//   mode 0: wait_group<0> after both: everything landed;  1: no wait at all before the barrier, then
+//   wait_group<0> after the copy-out (the buffer read shows what was there before: 0xff);  2: wait_group<1>:
+//   the first group landed, the second not (until after the copy-out);  3: the second chunk invalid: zeros;
+//   4: no wait at all: the thread exits with copies in flight (an error).
+__global__ void cp_async_kernel(const uint4* source, uint4* out, int mode, int chunks) {
+  uint4* buffer = static_cast<uint4*>(::simt::dynamic_shared_memory());
+  const int t = threadIdx.x;
+  ::simt::cp_async_16(buffer + 2 * t, source + 2 * t, true);
+  ::simt::cp_async_commit_group();
+  ::simt::cp_async_16(buffer + 2 * t + 1, source + 2 * t + 1, mode != 3);
+  ::simt::cp_async_commit_group();
+  if (mode == 0 || mode == 3) ::simt::cp_async_wait_group(0);
+  if (mode == 2) ::simt::cp_async_wait_group(1);
+  __syncthreads();
+  for (int c = t; c < chunks; c += blockDim.x) out[c] = buffer[c];
+  __syncthreads();  // every thread has read the buffer before any lands the rest
+  if (mode == 1 || mode == 2) ::simt::cp_async_wait_all();
+}
+
+at::Tensor selftest_cp_async(const at::Tensor& source, int64_t mode, int64_t shared_bytes, bool set_attribute) {
+  TORCH_CHECK(source.scalar_type() == at::kByte && source.is_contiguous() && source.numel() % 32 == 0);
+  const int threads = static_cast<int>(source.numel() / 32), chunks = static_cast<int>(shared_bytes / 16);
+  TORCH_CHECK(shared_bytes % 16 == 0 && shared_bytes >= source.numel());
+  at::Tensor out = at::empty({shared_bytes}, source.options());
+  if (set_attribute) {
+    TORCH_CHECK(cudaFuncSetAttribute(cp_async_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(shared_bytes)) == cudaSuccess);
+  }
+  ::simt::Launch("cp_async_kernel", 1, threads, static_cast<size_t>(shared_bytes))(
+      cp_async_kernel, static_cast<const uint4*>(source.data_ptr()), static_cast<uint4*>(out.data_ptr()),
+      static_cast<int>(mode), chunks);
+  return out;
+}
+
+__global__ void ex2_kernel(const float* x, float* out) { out[threadIdx.x] = ::simt::ex2_approx_ftz(x[threadIdx.x]); }
+
+at::Tensor selftest_ex2(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() >= 1 && x.numel() <= 1024);
+  at::Tensor out = at::empty_like(x);
+  ::simt::Launch("ex2_kernel", 1, static_cast<unsigned>(x.numel()))(ex2_kernel, x.data_ptr<float>(),
+                                                                     out.data_ptr<float>());
+  return out;
 }
 
 // out[i] = sum over the block of x, through shuffles and a shared-memory exchange.
@@ -98,5 +173,9 @@ void selftest_broken(int64_t which) {
 TORCH_LIBRARY_FRAGMENT(fusedgpt_simt, m) {
   m.def("selftest_mma(Tensor a, Tensor b) -> Tensor", &selftest_mma);
   m.def("selftest_shuffle(Tensor x, int offset) -> Tensor", &selftest_shuffle);
+  m.def("selftest_ldmatrix(Tensor rows, Tensor order, bool transpose) -> Tensor", &selftest_ldmatrix);
+  m.def("selftest_cp_async(Tensor source, int mode, int shared_bytes, bool set_attribute) -> Tensor",
+        &selftest_cp_async);
+  m.def("selftest_ex2(Tensor x) -> Tensor", &selftest_ex2);
   m.def("selftest_broken(int which) -> ()", &selftest_broken);
 }

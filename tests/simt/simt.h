@@ -6,7 +6,11 @@
 // Semantics emulated, one thread block at a time, every CUDA thread a fiber (ucontext) on one OS thread:
 //   threadIdx / blockIdx / blockDim / gridDim; __shared__ (function-static storage, shared by the fibers
 //   of the running block); __syncthreads (waits for every thread of the block that has not exited);
-//   __shfl_xor_sync and mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate) as warp collectives: every lane
+//   dynamic shared memory (filled with 0xff bytes at every block, sized by the launch, more than 48 KB only
+//   after cudaFuncSetAttribute); cp.async (16-byte copies that land in shared memory only at the issuing
+//   thread's cp.async.wait_group / wait_all, never at a __syncthreads); ex2.approx.ftz;
+//   __shfl_xor_sync, mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate) and ldmatrix.x4 (.trans too) as
+//   warp collectives: every lane
 //   of the warp must arrive at the same collective with the same arguments, as the full 0xffffffff mask
 //   demands; a lane that exits while its warp mates wait there, a divergent collective and a deadlock
 //   are reported as errors naming the block and thread, never silently run.
@@ -39,14 +43,15 @@
 //   request over 32 banks of 4 bytes. Accesses of up to 4 bytes go in one phase of 32 lanes, 8-byte ones
 //   in 2 half-warp phases, 16-byte ones in 4 quarter-warp phases; a phase with an active lane costs the
 //   largest number of distinct 4-byte words that one bank holds among the words its lanes touch (lanes
-//   reading the same word share it, a broadcast), against the ideal ceil(distinct words / 32).
+//   reading the same word share it, a broadcast), against the ideal ceil(distinct words / 32). An
+//   ldmatrix.x4 is each lane's 16-byte row (4 phases: one per 8x8 matrix, as the hardware's wavefronts);
+//   a cp.async is a 16-byte global load where it is issued and a 16-byte shared store where it lands.
 //   global memory (any other address but the thread's own stack): the 32-byte sectors a request touches
 //   against the distinct bytes its lanes ask for (sector efficiency = bytes / (32 * sectors)).
 // Registers and locals (the fiber's stack, where the host compiler spills) are not counted, nor is the
 // emulator's own work (functions marked SIMT_UNCOUNTED, and UncountedScope inside them). Not modelled:
 // L1/L2 caching and hit rates, timing and latency; constant memory (kernel parameters live on the stack
-// here, and read-only data is not instrumented); ldmatrix / cp.async (no kernel uses them yet); accesses
-// as nvcc would emit them rather than the host compiler (the counting build turns off the optimisations
+// here, and read-only data is not instrumented); accesses as nvcc would emit them rather than the host compiler (the counting build turns off the optimisations
 // that change access widths, so a 16-byte uint4 copy stays one access); and divergence the grouping
 // cannot see: a lane that skips a static instruction in one iteration of a loop and executes it in a
 // later one has its later executions grouped into the wrong requests.
@@ -67,6 +72,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -80,6 +86,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---- CUDA keywords and built-in types -------------------------------------------------------------
@@ -146,6 +153,14 @@ struct Thread {
   State state = State::kExited;
   uintptr_t stack_begin = 0, stack_end = 0;  // the fiber's stack: its locals and spilled registers
   int uncounted_depth = 0;  // > 0 while the emulator works on this thread's behalf (UncountedScope)
+  // cp.async copies this thread issued and that have not landed: those since its last commit_group, and
+  // the committed groups, oldest first (see cp_async_16).
+  struct AsyncCopy {
+    void* destination;
+    unsigned char bytes[16];
+  };
+  std::vector<AsyncCopy> uncommitted;
+  std::vector<std::vector<AsyncCopy>> committed;
 };
 
 // The thread whose fiber runs, or nullptr (the scheduler's own code). A plain global rather than a member
@@ -180,7 +195,17 @@ struct Scheduler {
   size_t scheduler_stack_bytes = 0;
   std::string error;
   bool running = false;
+  size_t dynamic_shared_bytes = 0;  // the running launch's third argument
 };
+
+// Dynamic shared memory (`extern __shared__`): one buffer of the library (a writable static, so the memory
+// counters count it as shared memory, as they do the __shared__ arrays), as large as an sm_90 block may
+// have. Every block starts with it filled with 0xff bytes (NaN in every floating type), so a read before
+// the block wrote it, or before its cp.async copies landed, is a wrong result; beyond the launch's size
+// AddressSanitizer (the simt-asan build) stops any access.
+inline constexpr size_t kMaxDynamicSharedBytes = 227 * 1024;
+alignas(128) inline unsigned char dynamic_shared[kMaxDynamicSharedBytes];
+inline constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;  // above it, cudaFuncSetAttribute first
 
 constexpr size_t kStackBytes = 256 * 1024;
 
@@ -330,6 +355,10 @@ SIMT_UNCOUNTED inline void fiber_main() {
   }
   const UncountedScope uncounted;
   Thread* self = current_thread;
+  if (s.error.empty() && (!self->uncommitted.empty() || !self->committed.empty())) {
+    s.error = "simt: a thread exited with cp.async copies that no cp.async.wait_group / wait_all landed at " +
+              where();
+  }
   self->state = State::kExited;
   --s.live;
   Warp& warp = s.warps[self->warp];
@@ -361,6 +390,7 @@ SIMT_UNCOUNTED inline void run_block() {
   }
   s.live = count;
   s.at_barrier = 0;
+  std::memset(dynamic_shared, 0xff, s.dynamic_shared_bytes);
   for (int i = 0; i < count; ++i) {
     Thread& t = s.threads[i];
     t.index = {static_cast<unsigned>(i % s.block.x), static_cast<unsigned>((i / s.block.x) % s.block.y),
@@ -415,12 +445,28 @@ SIMT_UNCOUNTED void call_kernel(const void* callable) {
 // `kernel<<<grid, block, shared_bytes, stream>>>(args...)` becomes
 // `Launch("kernel", grid, block, shared_bytes, stream)(kernel, args...)`; the name (the launch's text in
 // the source) keys the memory counters.
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) per kernel entry: a
+// launch with more than 48 KB of dynamic shared memory needs it, as on a GPU (where it fails to launch).
+SIMT_UNCOUNTED inline std::vector<std::pair<const void*, size_t>>& dynamic_shared_limits() {
+  static std::vector<std::pair<const void*, size_t>> limits;
+  return limits;
+}
+
+SIMT_UNCOUNTED inline size_t dynamic_shared_limit(const void* entry) {
+  for (const auto& [kernel, bytes] : dynamic_shared_limits()) {
+    if (kernel == entry) return bytes;
+  }
+  return kDefaultDynamicSharedLimit;
+}
+
 struct Launch {
   const char* name = nullptr;
   dim3 grid, block;
-  Launch(dim3 grid_, dim3 block_, size_t = 0, cudaStream_t = nullptr) : grid(grid_), block(block_) {}
-  Launch(const char* name_, dim3 grid_, dim3 block_, size_t = 0, cudaStream_t = nullptr)
-      : name(name_), grid(grid_), block(block_) {}
+  size_t shared_bytes = 0;
+  Launch(dim3 grid_, dim3 block_, size_t shared_bytes_ = 0, cudaStream_t = nullptr)
+      : grid(grid_), block(block_), shared_bytes(shared_bytes_) {}
+  Launch(const char* name_, dim3 grid_, dim3 block_, size_t shared_bytes_ = 0, cudaStream_t = nullptr)
+      : name(name_), grid(grid_), block(block_), shared_bytes(shared_bytes_) {}
 
   template <typename Kernel, typename... Args>
   SIMT_UNCOUNTED void operator()(Kernel kernel, const Args&... args) const {
@@ -434,6 +480,19 @@ struct Launch {
       throw std::runtime_error("simt: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                                ", " + std::to_string(grid.z) + ")");
     }
+    const void* entry = nullptr;
+    if constexpr (std::is_pointer_v<Kernel>) entry = reinterpret_cast<const void*>(kernel);
+    if (shared_bytes > kMaxDynamicSharedBytes || shared_bytes > dynamic_shared_limit(entry)) {
+      throw std::runtime_error("simt: invalid launch: " + std::to_string(shared_bytes) +
+                               " bytes of dynamic shared memory, above " +
+                               std::to_string(std::min(kMaxDynamicSharedBytes, dynamic_shared_limit(entry))) +
+                               " (above 48 KB, cudaFuncSetAttribute(kernel, "
+                               "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) must come first)");
+    }
+    s.dynamic_shared_bytes = shared_bytes;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_poison_memory_region(dynamic_shared + shared_bytes, kMaxDynamicSharedBytes - shared_bytes);
+#endif
     // Parameters copied per thread, by value, here: uncounted, as a GPU's parameters are constant memory.
     const auto body = [&]() SIMT_UNCOUNTED { kernel(args...); };
     s.body = &call_kernel<decltype(body)>;
@@ -443,8 +502,6 @@ struct Launch {
     s.error.clear();
     s.running = true;
 #if defined(FUSEDGPT_SIMT_COUNT)
-    const void* entry = nullptr;
-    if constexpr (std::is_pointer_v<Kernel>) entry = reinterpret_cast<const void*>(kernel);
     counters_begin_launch(name, entry, threads);
 #endif
     for (unsigned z = 0; z < grid.z && s.error.empty(); ++z) {
@@ -458,6 +515,10 @@ struct Launch {
 #if defined(FUSEDGPT_SIMT_COUNT)
     counters_end_launch();
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(dynamic_shared, kMaxDynamicSharedBytes);
+#endif
+    s.dynamic_shared_bytes = 0;
     s.running = false;
     if (!s.error.empty()) throw std::runtime_error(s.error);
   }
@@ -549,6 +610,115 @@ SIMT_UNCOUNTED void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const ui
   std::memcpy(c, out.bytes, sizeof(float) * 4);
 }
 
+// ldmatrix.sync.aligned.m8n8.x4{,.trans}.shared.b16: four 8x8 matrices of 16-bit elements, each row 16
+// contiguous bytes of shared memory at an address that lanes 8i .. 8i + 7 give for rows 0 .. 7 of matrix i.
+// Lane l receives one 32-bit register per matrix: without .trans the elements (row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1), with .trans (rows 2 (l % 4) and 2 (l % 4) + 1, column l / 4), the lower
+// column (row) in the low half (PTX ISA, "Warp-level matrix load instruction: ldmatrix"). Each lane's row
+// is read here, by the lane, as one 16-byte load: the memory counters see the four 8-lane phases that the
+// hardware's four wavefronts are.
+struct MatrixRows {
+  uint16_t row[8];
+};
+
+template <bool kTranspose>
+SIMT_UNCOUNTED void ldmatrix_compute(Warp& warp) {
+  MatrixRows rows[32];
+  for (int lane = 0; lane < 32; ++lane) std::memcpy(&rows[lane], warp.in[lane].bytes, sizeof(MatrixRows));
+  for (int lane = 0; lane < 32; ++lane) {
+    uint32_t registers[4];
+    for (int matrix = 0; matrix < 4; ++matrix) {
+      const MatrixRows* m = rows + 8 * matrix;
+      const int outer = lane / 4, inner = 2 * (lane % 4);
+      const uint16_t lo = kTranspose ? m[inner].row[outer] : m[outer].row[inner];
+      const uint16_t hi = kTranspose ? m[inner + 1].row[outer] : m[outer].row[inner + 1];
+      registers[matrix] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    std::memcpy(warp.out[lane].bytes, registers, sizeof(registers));
+  }
+}
+
+template <bool kTranspose>
+inline void ldmatrix_x4(uint32_t (&registers)[4], const void* row_address) {
+  if (reinterpret_cast<uintptr_t>(row_address) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+  const uint4 row = *static_cast<const uint4*>(row_address);  // the lane's row: counted
+  const UncountedScope uncounted;
+  if (scheduler().warps[current_thread->warp].lanes != 32) fail("ldmatrix needs a full warp");
+  const Slot& out = warp_collective(kTranspose ? "ldmatrix.x4.trans" : "ldmatrix.x4", 0, &row, sizeof(row),
+                                    &ldmatrix_compute<kTranspose>);
+  std::memcpy(registers, out.bytes, sizeof(registers));
+}
+
+// cp.async.cg.shared.global [destination], [source], 16, source_bytes (source_bytes 16 or 0: 0 fills the
+// 16 bytes with zeros and reads nothing), cp.async.commit_group, cp.async.wait_group N and
+// cp.async.wait_all (PTX ISA, "Data Movement and Conversion Instructions: cp.async"): the copy reads its
+// source when issued (a counted 16-byte load) but writes shared memory only when a wait of the issuing
+// thread lands its group (a counted 16-byte store then): until then the destination keeps what it held, so
+// a missing wait, or a __syncthreads taken for one, reads stale data and the kernel's result is wrong.
+// wait_group N lands the oldest committed groups until at most N remain in flight; copies not yet
+// committed are not waited for; wait_all commits them and lands everything. Both addresses must be
+// 16-byte aligned; a thread that exits with copies in flight is an error (the run names it).
+inline void cp_async_16(void* destination, const void* source, bool valid) {
+  if (reinterpret_cast<uintptr_t>(destination) % 16 != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(source) % 16 != 0)) {
+    fail("cp.async addresses not 16-byte aligned");
+  }
+  Thread::AsyncCopy copy{destination, {}};
+  uint4 value = make_uint4(0, 0, 0, 0);
+  if (valid) value = *static_cast<const uint4*>(source);  // counted: the global side of LDGSTS
+  std::memcpy(copy.bytes, &value, sizeof(value));
+  const UncountedScope uncounted;
+  current_thread->uncommitted.push_back(copy);
+}
+
+SIMT_UNCOUNTED inline void cp_async_commit_group() {
+  const UncountedScope uncounted;
+  Thread* self = current_thread;
+  self->committed.push_back(std::move(self->uncommitted));
+  self->uncommitted.clear();
+}
+
+// The next copy that a wait_group(pending) lands, taken off the thread's queue: false when no more than
+// `pending` committed groups remain. Bookkeeping only, uncounted; the caller's store is the counted one.
+SIMT_UNCOUNTED inline bool next_landing_copy(int pending, uint4& value, void*& destination) {
+  Thread* self = current_thread;
+  auto& groups = self->committed;
+  while (!groups.empty() && groups.front().empty() && static_cast<int>(groups.size()) > pending) {
+    groups.erase(groups.begin());
+  }
+  if (static_cast<int>(groups.size()) <= pending) return false;
+  const Thread::AsyncCopy& copy = groups.front().front();
+  std::memcpy(&value, copy.bytes, sizeof(value));
+  destination = copy.destination;
+  groups.front().erase(groups.front().begin());
+  return true;
+}
+
+inline void cp_async_wait_group(int pending) {
+  uint4 value;
+  void* destination;
+  while (next_landing_copy(pending, value, destination)) {
+    *static_cast<uint4*>(destination) = value;  // counted: the shared side of LDGSTS
+  }
+}
+
+inline void cp_async_wait_all() {
+  cp_async_commit_group();  // (uncounted)
+  cp_async_wait_group(0);
+}
+
+// ex2.approx.ftz.f32: 2^x with subnormal inputs and results flushed to zero (+0 for results, x = -inf
+// gives +0). The hardware's result is within 2 ulp of 2^x; the twin rounds the exact value, so a kernel's
+// tolerance must not rest on the last bits.
+SIMT_UNCOUNTED inline float ex2_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float result = std::exp2(x);
+  return std::fpclassify(result) == FP_SUBNORMAL ? 0.f : result;
+}
+
+// The dynamic shared memory of the running launch (extern __shared__).
+SIMT_UNCOUNTED inline void* dynamic_shared_memory() { return dynamic_shared; }
+
 // The built-ins, by value: reading them is no memory access of the kernel.
 SIMT_UNCOUNTED inline uint3 thread_index() { return current_thread->index; }
 SIMT_UNCOUNTED inline uint3 block_index() { return scheduler().block_index; }
@@ -569,4 +739,25 @@ SIMT_UNCOUNTED inline void __syncthreads() { ::simt::syncthreads(); }
 template <typename T>
 SIMT_UNCOUNTED T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return ::simt::shuffle_xor(mask, value, lane_mask, width);
+}
+
+// cudaFuncSetAttribute for the one attribute kernels set, recorded per kernel for Launch's check.
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+template <typename Kernel>
+SIMT_UNCOUNTED cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > ::simt::kMaxDynamicSharedBytes) {
+    return cudaErrorInvalidValue;
+  }
+  auto& limits = ::simt::dynamic_shared_limits();
+  const void* entry = reinterpret_cast<const void*>(kernel);
+  for (auto& [known, bytes] : limits) {
+    if (known == entry) {
+      bytes = static_cast<size_t>(value);
+      return cudaSuccess;
+    }
+  }
+  limits.emplace_back(entry, static_cast<size_t>(value));
+  return cudaSuccess;
 }
