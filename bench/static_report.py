@@ -18,7 +18,9 @@ autotuner) can choose for that case, for both backends:
           case reaches are listed with reachable = no.
 
 Columns: backend, family, kernel, case, dtype, head_dim (or hidden size), config, threads, registers,
-spill_bytes (spill stores + loads; Triton: the cubin's local memory, which only spills use), shared_bytes,
+spill_bytes (spill stores + loads; Triton: the cubin's local memory, which only spills use), shared_bytes
+(CUDA: ptxas's static bytes plus the dynamic bytes of the launch the emulator ran; unreached
+instantiations: static only),
 ctas_per_sm (the occupancy limit from registers, shared memory, threads and the per-SM block limit),
 tensor_core (HGMMA in the SASS = wgmma, HMMA = mma.sync, else none), cp_async (LDGSTS; TMA = UTMALDG),
 ldmatrix (LDSM), shared_wavefronts_per_request and shared_conflict_ratio (wavefronts / the conflict-free
@@ -590,9 +592,14 @@ def cuda_rows(cases: list[Case], arch: Arch, workers: int) -> list[dict]:
             if found is None:
                 fields["error"] = f"no instantiation {key} in nvcc's output for {arch.name}"
             else:
-                fields.update({name: found[name] for name in ("registers", "spill_bytes", "shared_bytes",
-                                                              "tensor_core", "cp_async", "ldmatrix")})
-                fields["ctas_per_sm"] = ctas_per_sm(arch, launch["threads"], found["registers"], found["shared_bytes"])
+                fields.update({name: found[name] for name in ("registers", "spill_bytes", "tensor_core", "cp_async",
+                                                              "ldmatrix")})
+                # static (ptxas) + dynamic (the launch's, as the emulator ran it)
+                fields["shared_bytes"] = found["shared_bytes"] + launch.get("dynamic_shared_bytes", 0)
+                fields["ctas_per_sm"] = ctas_per_sm(arch, launch["threads"], found["registers"], fields["shared_bytes"])
+                if fields["shared_bytes"] > arch.shared_per_block:
+                    fields["error"] = (f"needs {fields['shared_bytes']} bytes of shared memory; a block gets at "
+                                       f"most {arch.shared_per_block} on {arch.name}")
             rows.append(_row(case, arch, **fields))
     for key, found in sorted(instantiations.items()):
         if key in reached:

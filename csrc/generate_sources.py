@@ -91,7 +91,7 @@ def instantiation(dim: int, dtype: str) -> str:
     element = DTYPES[dtype][1]
     return (_header(f"Prefill attention instantiation: head dim {dim}, {dtype}") +
             '#include "attention/attention_launch.cuh"\n\n'
-            f"template void fusedgpt::attention::launch<{element}, {dim}>(const fusedgpt::attention::Params&, "
+            f"template cudaError_t fusedgpt::attention::launch<{element}, {dim}>(const fusedgpt::attention::Params&, "
             "cudaStream_t);\n")
 
 

@@ -126,6 +126,18 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// x, through an empty asm statement the compiler cannot see through: a value derived from it afterwards
+// is computed there, not kept alive (or spilled) from an identical expression before (the prefill's
+// epilogue recomputes its addresses this way instead of carrying the prologue's across the key loop).
+__device__ __forceinline__ int opaque(int x) {
+#ifdef FUSEDGPT_SIMT_EMULATION
+  return ::simt::opaque(x);
+#else
+  asm volatile("" : "+r"(x));
+  return x;
+#endif
+}
+
 // The block's dynamic shared memory (the launch's third argument, in bytes), 16-byte aligned; above
 // 48 KB the host sets cudaFuncAttributeMaxDynamicSharedMemorySize for the kernel first.
 template <typename T>

@@ -3,6 +3,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #include "attention/attention.h"
 #include "common.h"
 #include "op_limits.h"
@@ -76,13 +80,20 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   params.q_len = static_cast<int>(q_len), params.kv_len = static_cast<int>(kv_len);
   params.window = window ? static_cast<int>(*window) : 0;
   params.causal = causal;
-  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // The kernel folds the scale into the exponent, p = 2^(s c - m c) with m the row's largest raw score s,
+  // which needs c > 0: a negative scale negates Q (exact in fp16 / bf16) and uses |scale|; scale 0 uses
+  // the smallest normal float, with which every visible key gets 2^0 = 1 exactly as with 0 (|s - m| c
+  // is below float32's resolution around 0) while masked keys keep -inf * c = -inf.
+  params.negate_scores = scale < 0;
+  params.scale_log2 = std::max(static_cast<float>(std::abs(scale) * 1.4426950408889634),
+                               std::numeric_limits<float>::min());
 
   // One case per instantiation file (op_limits.h's lists); anything else is an error, never a neighbour.
   auto run = [&](auto element_tag) {
     using Element = decltype(element_tag);
     dispatch_head_dim(op, dim, [&](auto head_dim) {
-      attention::launch<Element, decltype(head_dim)::value>(params, stream);
+      const cudaError_t status = attention::launch<Element, decltype(head_dim)::value>(params, stream);
+      C10_CUDA_CHECK(status);  // the shared-memory opt-in
     });
   };
   switch (q.scalar_type()) {

@@ -3,4 +3,4 @@
 // limits there and run `python csrc/generate_sources.py`.
 #include "attention/attention_launch.cuh"
 
-template void fusedgpt::attention::launch<__nv_bfloat16, 80>(const fusedgpt::attention::Params&, cudaStream_t);
+template cudaError_t fusedgpt::attention::launch<__nv_bfloat16, 80>(const fusedgpt::attention::Params&, cudaStream_t);

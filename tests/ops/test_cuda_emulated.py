@@ -163,6 +163,30 @@ def test_attention_left_padding_with_all_padding_rows(emulated, dtype):
     _attention(emulated, *_qkv(3, 5, 70, 2, 64, dtype), kv_start=kv_start)
 
 
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_attention_negative_and_zero_scales(emulated, dtype):
+    """The kernel folds the scale into the exponent from the row max of raw scores, which needs a positive
+    factor: a negative scale runs on negated Q, and 0 on the smallest normal float (uniform weights)."""
+    q, k, v = _qkv(2, 70, 90, 2, 64, dtype)
+    _attention(emulated, q, k, v, scale=-0.3)
+    _attention(emulated, q, k, v, scale=-1.0, window=20, kv_start=torch.tensor([0, 33], dtype=torch.int32))
+    out = _attention(emulated, q, k, v, scale=0.0)
+    visible = (torch.arange(90) <= torch.arange(70)[:, None] + 20).double()  # queries at positions 20 .. 89
+    uniform = torch.einsum("ij,bjhd->bihd", visible / visible.sum(-1, keepdim=True), v.double())  # (B, 70, H, D)
+    torch.testing.assert_close(out.double(), uniform, rtol=0, atol=2e-2)
+    _attention(emulated, *_qkv(1, 40, 40, 1, 128, dtype), scale=-0.05)  # Q re-read from shared memory
+    _attention(emulated, *_qkv(1, 40, 50, 1, 80, dtype), scale=-0.1)  # padded-slot copies
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_attention_several_query_blocks_and_key_tiles(emulated, dtype):
+    """More than one 128-row query block (run last-first when causal) and many key tiles, at the head dims
+    whose tiles differ (64 keys with Q in registers, 64 keys with Q from shared memory, 32 keys)."""
+    for case in [(1, 257, 300, 1, 64), (1, 200, 261, 1, 80), (1, 129, 129, 1, 96), (1, 140, 333, 1, 128)]:
+        _attention(emulated, *_qkv(*case, dtype))
+    _attention(emulated, *_qkv(1, 150, 150, 1, 96, dtype), causal=False)
+
 def test_attention_strided_views(emulated):
     qkv = torch.randn(2, 37, 3, 3, 64, dtype=torch.float16)  # fused projection output [B, S, 3, H, D]
     _attention(emulated, *qkv.unbind(2))

@@ -69,7 +69,18 @@ EMULATOR_KERNELS = {
     "shuffle_kernel": _counts(shared_load=(9, 9, 9), shared_store=(3, 3, 3), global_load=(3, 12, 384),
                               global_store=(3, 12, 384)),
     "mma_kernel<__half>": _counts(global_load=(6, 48, 768), global_store=(4, 32, 512)),
+    # selftest_cp_async, mode 0, 64 threads (2 warps): thread t copies chunks 2t and 2t + 1 (16 bytes
+    # each; 32-byte stride per request: half of every sector, and 2-way bank conflicts where they land),
+    # then reads chunks t and t + 64 of the buffer back (consecutive: conflict-free) and stores them.
+    "cp_async_kernel": _counts(shared_load=(4, 16, 16), shared_store=(4, 32, 16), global_load=(4, 128, 2048),
+                               global_store=(4, 64, 2048)),
 }
+
+# ldmatrix.x4 is one shared-memory request of 4 phases (one per 8x8 matrix): rows 8i .. 8i + 7 of a
+# contiguous tile are 128 bytes in distinct banks (4 wavefronts, the ideal); rows 0, 8, 16, 24, 1, 9, ...
+# in one phase put 4 rows on the same 4 banks (4-way: 16 wavefronts).
+LDMATRIX_ORDERS = {"ldmatrix_kernel<false>": (list(range(32)), 4),
+                   "ldmatrix_kernel<true>": ([8 * (i % 4) + i // 4 for i in range(32)], 16)}
 
 ATTENTION = "attention_fwd_kernel<Element, HEAD_DIM>"
 
@@ -78,7 +89,11 @@ for pattern, threads in {[(name, threads) for name, (threads, _) in PATTERNS.ite
     ops.selftest_memory_pattern(pattern, threads)
 ops.selftest_shuffle(torch.randn(96), 5)
 ops.selftest_mma(torch.randn(16, 16).half(), torch.randn(8, 16).half())
-q, k, v = (torch.randn(1, 64, 1, 64, dtype=torch.float16) for _ in range(3))
+ops.selftest_cp_async(torch.randint(0, 255, (64 * 32,), dtype=torch.uint8), 0, 64 * 32, False)
+rows = torch.randint(-100, 100, (32, 8), dtype=torch.int16)
+for transpose, (order, _) in zip((False, True), {list(LDMATRIX_ORDERS.values())!r}):
+    ops.selftest_ldmatrix(rows, torch.tensor(order, dtype=torch.int32), transpose)
+q, k, v = torch.randn(1, 98, 1, 64, dtype=torch.float16), *(torch.randn(1, 128, 1, 64).half() for _ in range(2))
 ops.attention(q, k, v, True, None, 0.125, None)
 """
 
@@ -103,7 +118,7 @@ def test_the_emulators_collectives_and_builtins_are_not_counted(counted, name):
 
 
 def test_only_the_launched_kernels_are_reported(counted):
-    assert set(counted) == set(PATTERNS) | set(EMULATOR_KERNELS) | {ATTENTION}
+    assert set(counted) == set(PATTERNS) | set(EMULATOR_KERNELS) | set(LDMATRIX_ORDERS) | {ATTENTION}
 
 
 def test_summary_ratios(counted):
@@ -128,17 +143,31 @@ def test_worst_instructions_name_their_source(counted):
         assert "memory_pattern_kernel" in counted["shared_load_stride32"]["function"]
 
 
+@pytest.mark.parametrize("name", LDMATRIX_ORDERS)
+def test_ldmatrix_is_one_request_of_four_phases(counted, name):
+    kernel = counted[name]
+    ldmatrix = [i for i in kernel["worst_shared_instructions"] if not i["is_store"]]
+    wavefronts = LDMATRIX_ORDERS[name][1]
+    assert (kernel["shared_load_requests"], kernel["shared_load_wavefronts"],
+            kernel["shared_load_ideal_wavefronts"]) == (1, wavefronts, 4)
+    assert len(ldmatrix) == (wavefronts > 4)  # only a conflicted request is listed as wasteful
+
+
 def test_the_prefill_attention_kernel_is_counted(counted):
-    """One block of the real kernel (64 queries, head dim 64, fp16): its mma fragment reads from the padded
-    K and transposed V tiles are conflict-free, as attention_kernel.cuh lays them out to be, and its K / V
-    tile loads from global memory are whole 16-byte vectors of whole rows."""
+    """One block of the real kernel (98 queries, so 30 rows of its Q tile are zero-filled copies that
+    read nothing, 128 keys, head dim 64, fp16): its ldmatrix reads of the padded Q, K and V tiles, the
+    landing of its cp.async copies and the output's staging are conflict-free, as attention_kernel.cuh
+    lays the tiles out to be, and its global loads (cp.async) and stores are whole 16-byte vectors of
+    whole rows: every sector fully used (also after the zero fills: the lanes' copies stay grouped)."""
     kernel = counted[ATTENTION]
     assert (kernel["launches"], kernel["blocks"]) == (1, 1)
     assert kernel["shared_load_requests"] > 0 and kernel["shared_store_requests"] > 0
     assert kernel["shared_load_wavefronts"] == kernel["shared_load_ideal_wavefronts"]
+    assert kernel["shared_store_wavefronts"] == kernel["shared_store_ideal_wavefronts"]
     assert kernel["global_load_requests"] > 0 and kernel["global_store_requests"] > 0
-    worst_loads = [i for i in kernel["worst_global_instructions"] if not i["is_store"]]
-    assert worst_loads and all(i["sectors"] * 32 == 2 * i["requested_bytes"] for i in worst_loads)  # Q's pairs
+    assert kernel["global_load_sectors"] * 32 == kernel["global_load_requested_bytes"]
+    assert kernel["global_store_sectors"] * 32 == kernel["global_store_requested_bytes"]
+    assert kernel["worst_shared_instructions"] == [] and kernel["worst_global_instructions"] == []
     if "function" in kernel:
         assert "attention_fwd_kernel<__half, 64>" in kernel["function"]
 

@@ -128,6 +128,10 @@ SIMT_UNCOUNTED void record(void* return_address, const void* address, size_t byt
   if (thread == nullptr || thread->uncounted_depth > 0 || bytes == 0) return;
   const uintptr_t where = reinterpret_cast<uintptr_t>(address);
   if (where >= thread->stack_begin && where < thread->stack_end) return;  // locals, spilled registers
+  // A read of simt::absent_source is an instruction executed without touching memory (a zero-filling
+  // cp.async): logged with no bytes, so it keeps the lane's execution count in step with its warp's.
+  const uintptr_t absent = reinterpret_cast<uintptr_t>(simt::absent_source);
+  if (where >= absent && where < absent + sizeof(simt::absent_source)) bytes = 0;
   bool shared = false;
   for (int i = 0; i < shared_range_count; ++i) {
     shared = shared || (where >= shared_ranges[i].begin && where < shared_ranges[i].end);
@@ -180,6 +184,7 @@ using KernelKey = std::tuple<std::string, uintptr_t, int64_t>;
 
 struct KernelTotals {
   uint64_t launches = 0, blocks = 0;
+  uint64_t dynamic_shared_bytes = 0;  // the largest of its launches
   SharedTotals shared_load, shared_store;
   GlobalTotals global_load, global_store;
   std::map<InstructionKey, InstructionTotals> instructions;
@@ -282,7 +287,8 @@ std::string memory_counters() {
     out << (first_kernel ? "" : ", ") << "{\"name\": " << json_string(name) << ", \"entry_offset\": "
         << (entry_address != 0 ? hexadecimal(entry_address - layout.base) : std::string("null"))
         << ", \"threads\": " << threads
-        << ", \"launches\": " << kernel.launches << ", \"blocks\": " << kernel.blocks;
+        << ", \"launches\": " << kernel.launches << ", \"blocks\": " << kernel.blocks
+        << ", \"dynamic_shared_bytes\": " << kernel.dynamic_shared_bytes;
     for (const auto& [prefix, totals] : {std::pair{"shared_load", &kernel.shared_load},
                                          std::pair{"shared_store", &kernel.shared_store}}) {
       out << ", \"" << prefix << "_requests\": " << totals->requests << ", \"" << prefix
@@ -350,13 +356,15 @@ void memory_counters_reset() {
 
 namespace simt {
 
-void counters_begin_launch(const char* kernel_name, const void* kernel_entry, int64_t threads_per_block) {
+void counters_begin_launch(const char* kernel_name, const void* kernel_entry, int64_t threads_per_block,
+                           size_t dynamic_shared_bytes) {
   const LibraryLayout& layout = library_layout();
   std::copy(layout.writable, layout.writable + layout.writable_count, shared_ranges);
   shared_range_count = layout.writable_count;
   KernelTotals& kernel = kernel_totals()[{kernel_name != nullptr ? kernel_name : "(unnamed kernel)",
                                           reinterpret_cast<uintptr_t>(kernel_entry), threads_per_block}];
   kernel.launches += 1;
+  kernel.dynamic_shared_bytes = std::max<uint64_t>(kernel.dynamic_shared_bytes, dynamic_shared_bytes);
   running_kernel = &kernel;
 }
 
@@ -375,8 +383,10 @@ void counters_end_block() {
         executions.clear();
         for (size_t i = 0; i < log.size; ++i) {
           const Access& access = log.entries[i];
-          accesses.push_back({access.pc, executions[access.pc]++, access.is_store, access.shared, lane,
-                              access.address, access.bytes});
+          const uint32_t execution = executions[access.pc]++;
+          if (access.bytes == 0) continue;  // executed, touched nothing (see record)
+          accesses.push_back({access.pc, execution, access.is_store, access.shared, lane, access.address,
+                              access.bytes});
         }
       }
       std::sort(accesses.begin(), accesses.end(), [](const LaneAccess& a, const LaneAccess& b) {

@@ -114,7 +114,9 @@ at::Tensor selftest_cp_async(const at::Tensor& source, int64_t mode, int64_t sha
   return out;
 }
 
-__global__ void ex2_kernel(const float* x, float* out) { out[threadIdx.x] = ::simt::ex2_approx_ftz(x[threadIdx.x]); }
+__global__ void ex2_kernel(const float* x, float* out) {  // (opaque is the identity)
+  out[threadIdx.x] = ::simt::ex2_approx_ftz(x[::simt::opaque(static_cast<int>(threadIdx.x))]);
+}
 
 at::Tensor selftest_ex2(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() >= 1 && x.numel() <= 1024);

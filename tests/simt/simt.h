@@ -373,7 +373,8 @@ SIMT_UNCOUNTED inline void fiber_main() {
 
 #if defined(FUSEDGPT_SIMT_COUNT)
 // The memory counters (memory_counters.cpp), called by the scheduler outside any fiber.
-void counters_begin_launch(const char* kernel_name, const void* kernel_entry, int64_t threads_per_block);
+void counters_begin_launch(const char* kernel_name, const void* kernel_entry, int64_t threads_per_block,
+                           size_t dynamic_shared_bytes);
 void counters_end_block();  // groups the block's logged accesses into warp requests and counts them
 void counters_end_launch();
 #endif
@@ -502,7 +503,7 @@ struct Launch {
     s.error.clear();
     s.running = true;
 #if defined(FUSEDGPT_SIMT_COUNT)
-    counters_begin_launch(name, entry, threads);
+    counters_begin_launch(name, entry, threads, shared_bytes);
 #endif
     for (unsigned z = 0; z < grid.z && s.error.empty(); ++z) {
       for (unsigned y = 0; y < grid.y && s.error.empty(); ++y) {
@@ -658,14 +659,19 @@ inline void ldmatrix_x4(uint32_t (&registers)[4], const void* row_address) {
 // wait_group N lands the oldest committed groups until at most N remain in flight; copies not yet
 // committed are not waited for; wait_all commits them and lands everything. Both addresses must be
 // 16-byte aligned; a thread that exits with copies in flight is an error (the run names it).
+// What a zero-filling cp.async "reads": zeros, at an address the memory counters log as an access of no
+// bytes, so that the lane's later copies stay grouped with its warp mates' (the k-th execution of an
+// instruction by each lane is one request: a lane that skipped the load would shift all its later ones).
+alignas(16) inline unsigned char absent_source[16] = {};
+
 inline void cp_async_16(void* destination, const void* source, bool valid) {
   if (reinterpret_cast<uintptr_t>(destination) % 16 != 0 ||
       (valid && reinterpret_cast<uintptr_t>(source) % 16 != 0)) {
     fail("cp.async addresses not 16-byte aligned");
   }
   Thread::AsyncCopy copy{destination, {}};
-  uint4 value = make_uint4(0, 0, 0, 0);
-  if (valid) value = *static_cast<const uint4*>(source);  // counted: the global side of LDGSTS
+  // Counted: the global side of LDGSTS (a zero fill reads absent_source: an access of no bytes).
+  const uint4 value = *static_cast<const uint4*>(valid ? source : static_cast<const void*>(absent_source));
   std::memcpy(copy.bytes, &value, sizeof(value));
   const UncountedScope uncounted;
   current_thread->uncommitted.push_back(copy);
@@ -681,6 +687,7 @@ SIMT_UNCOUNTED inline void cp_async_commit_group() {
 // The next copy that a wait_group(pending) lands, taken off the thread's queue: false when no more than
 // `pending` committed groups remain. Bookkeeping only, uncounted; the caller's store is the counted one.
 SIMT_UNCOUNTED inline bool next_landing_copy(int pending, uint4& value, void*& destination) {
+  const UncountedScope uncounted;
   Thread* self = current_thread;
   auto& groups = self->committed;
   while (!groups.empty() && groups.front().empty() && static_cast<int>(groups.size()) > pending) {
@@ -715,6 +722,9 @@ SIMT_UNCOUNTED inline float ex2_approx_ftz(float x) {
   const float result = std::exp2(x);
   return std::fpclassify(result) == FP_SUBNORMAL ? 0.f : result;
 }
+
+// intrinsics.h's opaque(x): on a GPU an empty asm statement that hides x's value from the optimiser; here x.
+SIMT_UNCOUNTED inline int opaque(int x) { return x; }
 
 // The dynamic shared memory of the running launch (extern __shared__).
 SIMT_UNCOUNTED inline void* dynamic_shared_memory() { return dynamic_shared; }
