@@ -4,16 +4,19 @@
 // Pass 1, grid (splits, B * H, T): one program per (key split, sequence and head, query). Lanes are
 // grouped LANES_PER_KEY to a key, each lane holding a 16-byte slice of q, k, v and of the accumulator;
 // a group's score is a shuffle reduction inside the group, and each group runs its own online softmax
-// over its keys, 4 keys per step so that several 16-byte loads are in flight per lane. The groups of a
+// over its keys, 4 keys per step, the next step's rows copied (cp.async) while this step's are used. The groups of a
 // block are merged in shared memory and the split's partial (max, sum, accumulator) is written out.
 // Pass 2, grid (B * H * T): merges the splits; with one split there is nothing to merge and pass 1 writes
 // the output itself (no second launch). The launch shape depends on host values only (shapes,
-// num_splits), never on cache_lens: capturable in a CUDA graph, replayable with new lengths.
+// num_splits, the kernel's occupancy), never on cache_lens: capturable in a CUDA graph, replayable with
+// new lengths. num_splits = 0 sizes the splits from occupancy (see choose_splits below).
 // The new tokens are read from k, v themselves (never from the cache slots being written in the same
 // launch), and the program of split 0 for query t writes token t into the caches if the block fits.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "common.h"
@@ -41,6 +44,7 @@ struct DecodeParams {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kKeysPerStep = 4;
+constexpr int kStages = 2;  // of the cp.async pipeline (see attend_keys)
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -134,31 +138,52 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
   // choice between the cache and k, v is made once per range, not per key. The loop bounds are uniform
   // over the block (the shuffles below need every lane of a warp); each step covers
   // kKeysPerStep * kGroups keys, key = step + u * kGroups + group.
+  // Rows arrive through a 2-stage cp.async pipeline in shared memory (FlashInfer's decode): the copies of
+  // step n + 1 are issued before step n's math, so each lane keeps 2 x kKeysPerStep 16-byte loads in
+  // flight while it computes, without registers to hold them. The stages are thread-private (a thread
+  // reads back only what it copied, after its own cp.async wait): no barrier. Keys past the range, and
+  // lanes past the head dim, copy zeros (nothing is read): their scores are masked, their values add 0.
+  alignas(16) __shared__ uint4 stage_k[kStages][kKeysPerStep][kDecodeThreads];
+  alignas(16) __shared__ uint4 stage_v[kStages][kKeysPerStep][kDecodeThreads];
+  using V = Vec<Element, kVec>;
+  static_assert(sizeof(V) == sizeof(uint4), "one 16-byte vector per lane and key");
   const auto attend_keys = [&](int key_lo, int key_hi, const Element* rows_k, int64_t stride_k,
                                const Element* rows_v, int64_t stride_v, int first) {
-    for (int step = key_lo; step < key_hi; step += kGroups * kKeysPerStep) {
-      float k[kKeysPerStep][kVec], v[kKeysPerStep][kVec];
-      bool in_range[kKeysPerStep];
+    constexpr int kStep = kGroups * kKeysPerStep;
+    const auto copy_step = [&](int step, int stage) {
 #pragma unroll
-      for (int u = 0; u < kKeysPerStep; ++u) {  // issue every load of the step before any math
+      for (int u = 0; u < kKeysPerStep; ++u) {
         const int key = step + u * kGroups + group;
-        in_range[u] = key < key_hi;
-        const int64_t row = key - first;
-        load_vector<Element, kVec>(rows_k + row * stride_k + dim, in_range[u] && dim_valid, k[u]);
-        load_vector<Element, kVec>(rows_v + row * stride_v + dim, in_range[u] && dim_valid, v[u]);
+        const bool valid = key < key_hi && dim_valid;
+        const int64_t row = valid ? key - first : 0;
+        cp_async_16(&stage_k[stage][u][threadIdx.x], rows_k + row * stride_k + (valid ? dim : 0), valid);
+        cp_async_16(&stage_v[stage][u][threadIdx.x], rows_v + row * stride_v + (valid ? dim : 0), valid);
+      }
+      cp_async_commit_group();
+    };
+    if (key_lo < key_hi) copy_step(key_lo, 0);
+    int stage = 0;
+    for (int step = key_lo; step < key_hi; step += kStep, stage ^= 1) {
+      if (step + kStep < key_hi) {
+        copy_step(step + kStep, stage ^ 1);  // in flight during this step's math
+        cp_async_wait_group<1>();            // this step's copies have landed
+      } else {
+        cp_async_wait_group<0>();
       }
       float scores[kKeysPerStep];
       float step_max = running_max;
 #pragma unroll
       for (int u = 0; u < kKeysPerStep; ++u) {
+        const uint4 raw = stage_k[stage][u][threadIdx.x];
+        const V& k = *reinterpret_cast<const V*>(&raw);
         float partial = 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) partial += q[i] * k[u][i];
+        for (int i = 0; i < kVec; ++i) partial += q[i] * to_float(k.v[i]);
 #pragma unroll
         for (int offset = kLanesPerKey / 2; offset > 0; offset >>= 1) {
           partial += __shfl_xor_sync(0xffffffffu, partial, offset);
         }
-        scores[u] = in_range[u] ? partial : -kInf;
+        scores[u] = step + u * kGroups + group < key_hi ? partial : -kInf;
         step_max = fmaxf(step_max, scores[u]);
       }
       const float safe_max = step_max == -kInf ? 0.f : step_max;
@@ -170,8 +195,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_split_kernel(
       for (int u = 0; u < kKeysPerStep; ++u) {
         const float weight = exp2f(scores[u] - safe_max);
         running_sum += weight;
+        const uint4 raw = stage_v[stage][u][threadIdx.x];
+        const V& v = *reinterpret_cast<const V*>(&raw);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] += weight * v[u][i];
+        for (int i = 0; i < kVec; ++i) acc[i] += weight * to_float(v.v[i]);
       }
       running_max = step_max;
     }
@@ -259,16 +286,64 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_combine_kerne
   }
 }
 
+// Key splits when the caller gives none: as many programs as the split kernel can keep resident on every
+// multiprocessor (cudaOccupancyMaxActiveBlocksPerMultiprocessor x the SM count, FlashInfer's sizing), but
+// never a split of fewer than kSplitGranule keys of the longest range a query can see, and at most 128.
+// Host values only (shapes, window, the device): a captured step replays with the same launch.
+constexpr int kSplitGranule = 64;
+constexpr int kMaxAutomaticSplits = 128;
+
+int multiprocessor_count(int device) {
+  static std::atomic<int> counts[64];  // per device, 0 until asked
+  if (device < 0 || device >= 64) device = 0;
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
 template <typename Element, int HEAD_DIM>
-void launch_decode(const DecodeParams& params, int batch, at::Tensor& out, cudaStream_t stream) {
+int choose_splits(int device, int64_t programs, int64_t keys) {
+  static std::atomic<int> resident[64];  // blocks per multiprocessor, per device (same for every device
+  if (device < 0 || device >= 64) device = 0;  // of one architecture; asked once each)
+  int blocks = resident[device].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, decode_attention_split_kernel<Element, HEAD_DIM>, kDecodeThreads, 0));
+    blocks = std::max(blocks, 1);
+    resident[device].store(blocks, std::memory_order_relaxed);
+  }
+  const int64_t slots = static_cast<int64_t>(blocks) * multiprocessor_count(device);
+  const int64_t tiles = std::max<int64_t>((keys + kSplitGranule - 1) / kSplitGranule, 1);
+  const int64_t wanted = (slots + std::max<int64_t>(programs, 1) - 1) / std::max<int64_t>(programs, 1);
+  return static_cast<int>(std::clamp<int64_t>(std::min(wanted, tiles), 1, kMaxAutomaticSplits));
+}
+
+template <typename Element, int HEAD_DIM>
+at::Tensor launch_decode(DecodeParams params, int batch, int64_t requested_splits, int64_t keys,
+                         const at::Tensor& q, cudaStream_t stream) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const int64_t programs = static_cast<int64_t>(batch) * params.heads * params.tokens;
+  params.splits = requested_splits > 0 ? static_cast<int>(requested_splits)
+                                       : choose_splits<Element, HEAD_DIM>(q.device().index(), programs, keys);
+  const int64_t parts = params.splits > 1 ? programs * params.splits : 0;  // one split writes out directly
+  at::Tensor part_acc = at::empty({parts * HEAD_DIM}, q.options().dtype(at::kFloat));
+  at::Tensor part_stats = at::empty({parts * 2}, q.options().dtype(at::kFloat));
+  params.part_acc = part_acc.data_ptr<float>();
+  params.part_stats = part_stats.data_ptr<float>();
+  params.out = out.data_ptr();
+  for (int i = 0; i < 3; ++i) params.out_strides[i] = out.stride(i);
   const dim3 split_grid(params.splits, batch * params.heads, params.tokens);
   decode_attention_split_kernel<Element, HEAD_DIM><<<split_grid, kDecodeThreads, 0, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (params.splits == 1) return;  // the split kernel wrote the output
-  decode_attention_combine_kernel<Element, HEAD_DIM><<<batch * params.heads * params.tokens, kDecodeThreads, 0, stream>>>(
+  if (params.splits == 1) return out;  // the split kernel wrote the output
+  decode_attention_combine_kernel<Element, HEAD_DIM><<<static_cast<unsigned>(programs), kDecodeThreads, 0, stream>>>(
       params.part_acc, params.part_stats, reinterpret_cast<Element*>(out.data_ptr()), params.heads, params.tokens,
       params.splits, out.stride(0), out.stride(1), out.stride(2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 void check_lengths(const char* op, const at::Tensor& t, const char* name, int64_t batch, const at::Tensor& q) {
@@ -321,7 +396,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   check_lengths(op, cache_lens, "cache_lens", batch, q);
   if (kv_start) check_lengths(op, *kv_start, "kv_start", batch, q);
   if (window) FUSEDGPT_CHECK(*window >= 1 && *window < (int64_t{1} << 30), op, "window must be a positive int, got ", *window);
-  FUSEDGPT_CHECK(num_splits >= 1 && num_splits <= 1024, op, "num_splits must be in [1, 1024], got ", num_splits);
+  FUSEDGPT_CHECK(num_splits >= 0 && num_splits <= 1024, op, "num_splits must be in [0, 1024] (0: sized from ",
+                 "occupancy), got ", num_splits);
   FUSEDGPT_CHECK(batch * heads <= kMaxBatchHeads, op, "B * H must be at most ", kMaxBatchHeads, ", got ",
                  batch * heads);
   for (const auto& [t, name] : tensors) check_vector_layout(op, *t, name);
@@ -329,12 +405,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  if (out.numel() == 0) return out;
-  const int splits = static_cast<int>(num_splits);
-  const int64_t parts = splits > 1 ? batch * heads * tokens * splits : 0;  // one split writes out directly
-  at::Tensor part_acc = at::empty({parts * dim}, q.options().dtype(at::kFloat));
-  at::Tensor part_stats = at::empty({parts * 2}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return at::empty(q.sizes(), q.options());
   const at::Tensor lens = cache_lens.contiguous();
   const at::Tensor starts = kv_start ? kv_start->contiguous() : at::Tensor();
 
@@ -346,14 +417,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   params.k_new = k_new ? k_new->data_ptr() : nullptr;
   params.v_new = v_new ? v_new->data_ptr() : nullptr;
   params.kv_start = starts.defined() ? starts.data_ptr<int>() : nullptr;
-  params.part_acc = part_acc.data_ptr<float>();
-  params.part_stats = part_stats.data_ptr<float>();
-  params.out = out.data_ptr();
   const auto copy_strides = [](int64_t (&to)[3], const at::Tensor& t) {
     for (int i = 0; i < 3; ++i) to[i] = t.stride(i);
   };
   copy_strides(params.q_strides, q);
-  copy_strides(params.out_strides, out);
   copy_strides(params.k_cache_strides, k_cache);
   copy_strides(params.v_cache_strides, v_cache);
   if (k_new) {
@@ -364,14 +431,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   params.tokens = static_cast<int>(tokens);
   params.max_len = static_cast<int>(max_len);
   params.window = window ? static_cast<int>(*window) : 0;
-  params.splits = splits;
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   // One case per head dim of op_limits.h's list (dispatch_head_dim); anything else is an error.
+  // The most keys one query can see (the cache or its window, and the new tokens): what the splits share.
+  const int64_t keys = (window ? std::min<int64_t>(max_len, *window) : max_len) + tokens;
+  at::Tensor out;
   auto run = [&](auto element_tag) {
     using Element = decltype(element_tag);
     dispatch_head_dim(op, dim, [&](auto head_dim) {
-      launch_decode<Element, decltype(head_dim)::value>(params, static_cast<int>(batch), out, stream);
+      out = launch_decode<Element, decltype(head_dim)::value>(params, static_cast<int>(batch), num_splits, keys, q,
+                                                              stream);
     });
   };
   switch (q.scalar_type()) {

@@ -105,6 +105,15 @@ def test_emulated_ex2_flushes_subnormals(emulated):
     torch.testing.assert_close(out.double(), expected, rtol=2 ** -22, atol=0, equal_nan=True)
     assert out[-2] == 1.0  # a subnormal input counts as zero
 
+
+def test_emulated_device_answers_occupancy_queries(emulated):
+    """4 multiprocessors (FUSEDGPT_SIMT_MULTIPROCESSORS), each holding sm_90's 2048 threads, 32 blocks
+    and 228 KB of shared memory (1 KB reserved per block): what the CUDA decode sizes its splits by."""
+    assert emulated.selftest_occupancy(128, 0) == [4, 16]
+    assert emulated.selftest_occupancy(1024, 0) == [4, 2]
+    assert emulated.selftest_occupancy(32, 0) == [4, 32]
+    assert emulated.selftest_occupancy(128, 100 * 1024) == [4, 2]
+
 @pytest.mark.parametrize("which,match", [
     (0, "deadlock"), (1, "a lane exited while .* wait in __shfl_xor_sync"),
     (2, r"divergent warp collective: this lane is in __shfl_xor_sync\([12]\) while others are in"), (4, None)])
@@ -187,6 +196,7 @@ def test_attention_several_query_blocks_and_key_tiles(emulated, dtype):
         _attention(emulated, *_qkv(*case, dtype))
     _attention(emulated, *_qkv(1, 150, 150, 1, 96, dtype), causal=False)
 
+
 def test_attention_strided_views(emulated):
     qkv = torch.randn(2, 37, 3, 3, 64, dtype=torch.float16)  # fused projection output [B, S, 3, H, D]
     _attention(emulated, *qkv.unbind(2))
@@ -197,7 +207,7 @@ def test_attention_strided_views(emulated):
 # ---- decode attention with the fused append (csrc/decode_attention) ----------------------------------
 
 def _decode(emulated, dtype, batch, tokens, max_len, heads, dim, lengths, *, append=True, window=None, scale=None,
-            kv_start=None, layout="bshd", splits=(1, 3)):
+            kv_start=None, layout="bshd", splits=(0, 1, 3)):
     q = torch.randn(batch, tokens, heads, dim, dtype=dtype)
     k_cache, v_cache = _caches(batch, max_len, heads, dim, dtype, "cpu", lengths, layout)
     k, v = (torch.randn(batch, tokens, heads, dim, dtype=dtype) for _ in range(2)) if append else (None, None)

@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -126,6 +127,20 @@ at::Tensor selftest_ex2(const at::Tensor& x) {
   return out;
 }
 
+// The emulated device's answers to the occupancy queries: [multiprocessors, resident blocks of
+// shuffle_kernel at block_size threads and shared_bytes of dynamic shared memory (opted in first)].
+__global__ void shuffle_kernel(const float* x, float* out, int offset);
+
+std::vector<int64_t> selftest_occupancy(int64_t block_size, int64_t shared_bytes) {
+  int multiprocessors = 0, blocks = -1;
+  TORCH_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess);
+  TORCH_CHECK(cudaFuncSetAttribute(shuffle_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(shared_bytes)) == cudaSuccess);
+  TORCH_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, shuffle_kernel, static_cast<int>(block_size),
+                                                            static_cast<size_t>(shared_bytes)) == cudaSuccess);
+  return {multiprocessors, blocks};
+}
+
 // out[i] = sum over the block of x, through shuffles and a shared-memory exchange.
 __global__ void shuffle_kernel(const float* x, float* out, int offset) {
   __shared__ float partial[32];
@@ -179,5 +194,6 @@ TORCH_LIBRARY_FRAGMENT(fusedgpt_simt, m) {
   m.def("selftest_cp_async(Tensor source, int mode, int shared_bytes, bool set_attribute) -> Tensor",
         &selftest_cp_async);
   m.def("selftest_ex2(Tensor x) -> Tensor", &selftest_ex2);
+  m.def("selftest_occupancy(int block_size, int shared_bytes) -> int[]", &selftest_occupancy);
   m.def("selftest_broken(int which) -> ()", &selftest_broken);
 }

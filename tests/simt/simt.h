@@ -771,3 +771,34 @@ SIMT_UNCOUNTED cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribut
   limits.emplace_back(entry, static_cast<size_t>(value));
   return cudaSuccess;
 }
+
+// The emulated device, for the occupancy queries of host code: FUSEDGPT_SIMT_MULTIPROCESSORS
+// multiprocessors (default 4, what fusedgpt's Python side assumes without a GPU), each holding what an
+// sm_90 multiprocessor holds by threads (2048), blocks (32) and shared memory (228 KB, 1 KB reserved per
+// block). Registers are not known here (the host compiler allocates none), so the emulated occupancy is
+// an upper bound of the real one; bench/static_report.py gives the real limits from ptxas.
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
+SIMT_UNCOUNTED inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (value == nullptr || attribute != cudaDevAttrMultiProcessorCount || device < 0) return cudaErrorInvalidValue;
+  const char* configured = std::getenv("FUSEDGPT_SIMT_MULTIPROCESSORS");
+  const long count = configured != nullptr ? std::strtol(configured, nullptr, 10) : 4;
+  if (count < 1 || count > 1024) return cudaErrorInvalidValue;
+  *value = static_cast<int>(count);
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+SIMT_UNCOUNTED cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel* kernel, int block_size,
+                                                                         size_t dynamic_shared_bytes) {
+  if (blocks == nullptr || kernel == nullptr || block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
+  const size_t limit = ::simt::dynamic_shared_limit(reinterpret_cast<const void*>(kernel));
+  if (dynamic_shared_bytes > limit) {
+    *blocks = 0;
+    return cudaSuccess;
+  }
+  const int by_threads = 2048 / (((block_size + 31) / 32) * 32);
+  const int by_shared = static_cast<int>((228 * 1024) / (dynamic_shared_bytes + 1024));
+  *blocks = std::min({by_threads, 32, by_shared});
+  return cudaSuccess;
+}

@@ -7,7 +7,8 @@ the generation loop also asks whether its decode step can be captured) and runs 
 supports: fusedgpt.ops._limits. GPU paths, custom ops that declare the cache mutation:
     fusedgpt::decode_attention          hand-written CUDA (csrc/decode_attention/)
     fusedgpt::decode_attention_triton   Triton (triton_kernels/decode_attention.py)
-Both take the number of key splits from the host (fusedgpt.triton_kernels.decode_attention.choose_splits).
+Key splits: the Triton kernel's from the host (fusedgpt.triton_kernels.decode_attention.choose_splits); the
+CUDA op, given num_splits = 0, sizes them itself from its kernel's occupancy and the SM count.
 
 Out-of-range policy (as kv_append): new tokens that would not fit (cache_lens[b] + T > S_max) are not
 written, but are still attended to. The caller learns of it as a ValueError when cache_lens is a CPU
@@ -29,7 +30,7 @@ from fusedgpt.ops._limits import CUDA_DECODE_ATTENTION_DTYPES, MAX_NEW_TOKENS
 from fusedgpt.ops.attention import (attention_kernel_limits, attention_reference, default_scale, torch_dtypes,
                                     visible_positions)
 from fusedgpt.ops.kv_append import append_index, kv_append_reference, write_rows
-from fusedgpt.triton_kernels.decode_attention import choose_splits, decode_attention_fwd, key_range
+from fusedgpt.triton_kernels.decode_attention import decode_attention_fwd
 
 Tensor = torch.Tensor
 
@@ -80,8 +81,6 @@ def _decode_attention_fake(q, k_cache, v_cache, cache_lens, k, v, window, scale,
 _CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "decode_attention")
 if _CUDA_OP_BUILT:
     torch.library.register_fake("fusedgpt::decode_attention")(_decode_attention_fake)
-
-SPLIT_GRANULE = 64  # keys: a split never gets less than this (see choose_splits)
 
 
 class _Visibility(NamedTuple):
@@ -297,10 +296,8 @@ class DecodeAttentionPlan:
 
     def __init__(self, q, k_cache, v_cache, cache_lens, k, v, window, kv_start, backend, num_splits, lengths=None):
         self.backend, self.window, self.num_splits = backend, window, num_splits
-        if backend == "cuda" and num_splits is None:  # the CUDA op takes its split count from the host
-            batch, tokens, heads = q.shape[:3]
-            self.num_splits = choose_splits(batch * heads * tokens, key_range(k_cache.shape[1], window, tokens),
-                                            SPLIT_GRANULE, q.device)
+        if backend == "cuda" and num_splits is None:  # 0: the CUDA op sizes its splits from occupancy
+            self.num_splits = 0
         self.cache_lens = cache_lens.to(q.device)
         self.kv_start = kv_start.to(q.device) if kv_start is not None else None
         self.layout = None  # set by decode_attention_plan (the one-shot decode_attention runs no match)
