@@ -25,6 +25,11 @@ LOG2_E = 1.4426950408889634
 
 # Tile configurations tried by the autotuner on a GPU (a single small one under the interpreter, which
 # cannot benchmark). Filtered by head dim so registers stay bounded: [BLOCK_M, BLOCK_D] fp32 accumulator.
+# Revisited with the static report (sm_90, triton 3.8; bench/results/static-sm_90.csv): every one keeps
+# wgmma with no spill; BLOCK_N 128 at D = 64 is listed (247 registers: 1 CTA of 8 warps per SM). Two-stage
+# variants of the 8-warp configs were tried and left out: they free shared memory (132 -> 99 KB at
+# D = 128, 66 -> 50 KB at D = 64) but not occupancy, which registers bound (193 x 256 threads at D = 128:
+# 1 CTA per SM either way; 127 x 256 at D = 64: 2). The GPU's autotuner picks among these per key.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),

@@ -244,6 +244,6 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return out
     _decode_attention_combine_kernel[(batch * heads,)](
         part_acc, part_stats, out, *out.stride()[:3], heads, tokens, splits,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(tokens), num_warps=4,  # T rows, not 16
     )
     return out
