@@ -113,8 +113,7 @@ PATHS = {
     "kv_append": (_kv_append_call, {"kv_append_torch": "torch", "_kv_append_triton": "triton"}),
     "layer_norm": (_layer_norm_call, {"layer_norm_reference": "reference", "_layer_norm_torch": "torch",
                                       "_add_layer_norm_triton": "triton"}),
-    "bias_act": (_bias_act_call, {"bias_act_reference": "reference", "_bias_act_torch": "torch",
-                                  "_bias_act_triton": "triton"}),
+    "bias_act": (_bias_act_call, {"_bias_act_torch": "torch", "_bias_act_triton": "triton"}),  # all train
 }
 
 # (interpreter on, head dim / columns, dtype, needs grad, backend asked for)

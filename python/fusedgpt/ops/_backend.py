@@ -7,7 +7,8 @@ on the CPU, the Triton kernels under TRITON_INTERPRET=1 (how CI exercises them),
 
 Each op family has one decision, fusedgpt.ops.<family>_backend(...) (built on decide() here), which
 its public function follows and which callers (generation, patching) ask instead of re-deriving it: it
-returns a BackendChoice, with "reference" (the specification) for calls that need autograd.
+returns a BackendChoice. A call that needs autograd gets a backend with a backward (the family's
+`trainable` ones), or "reference" (the specification) where none serves it.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def _evaluated(unsupported) -> dict[str, str]:
 class BackendChoice(NamedTuple):
     """What an op's backend decision answers for one call.
 
-    backend: "cuda", "triton" or "torch", or "reference" (the specification, which serves every call that
-    needs autograd: the kernels and the torch path are inference-only). unsupported: backend -> why it
+    backend: "cuda", "triton" or "torch", or "reference" (the specification, which serves the calls that
+    need autograd where no backend of the family has a backward). unsupported: backend -> why it
     cannot serve this call (empty when every backend could). host_read: what the call reads on the host
     or copies from it (host checks of index tensors: check=True, CPU positions or lengths; CPU index
     tensors copied to the device; a reference that reads lengths), or None: then a CUDA graph can
@@ -131,23 +132,38 @@ class BackendChoice(NamedTuple):
 
 
 AUTOGRAD_REASON = "the call needs autograd, which only the reference (the specification) serves"
+NO_BACKWARD_REASON = "the call needs autograd, and this backend has no backward"
 
 
 def decide(family: str, device: torch.device, backend: str | None, *,
            unsupported: dict[str, str] | Callable[[], dict[str, str]], size: int, autograd: bool,
            host_read: str | None = None, reference_host_read: str | None = None,
-           explain: bool = True) -> BackendChoice:
-    """The decision of one call of `family`, for the ops' <family>_backend functions: "reference" when
-    the call needs autograd (whatever was requested; a requested name is still checked), else
-    choose_backend's answer. unsupported: what the kernels cannot serve in this call, or a function
-    returning it (see choose_backend); host_read: what the op itself reads on (or copies from) the host
-    for this call; reference_host_read: what the family's reference reads on the host, if anything.
-    explain=False (the ops themselves, which follow only .backend) leaves BackendChoice.unsupported empty
-    instead of asking every other backend why it cannot serve the call."""
+           explain: bool = True, trainable: tuple[str, ...] = ()) -> BackendChoice:
+    """The decision of one call of `family`, for the ops' <family>_backend functions: choose_backend's
+    answer, but for a call that needs autograd one of `trainable` (the backends whose ops have a backward:
+    torch.library.register_autograd on the kernels' custom ops, or torch's own autograd) and "reference"
+    when none of them can serve it, or the backend asked for by name has no backward (a requested name
+    is still checked). unsupported: what the kernels cannot serve in this call, or a function returning
+    it (see choose_backend); host_read: what the op itself reads on (or copies from) the host for this
+    call; reference_host_read: what the family's reference reads on the host, if anything. explain=False
+    (the ops themselves, which follow only .backend) leaves BackendChoice.unsupported empty instead of
+    asking every other backend why it cannot serve the call."""
     if autograd:
-        _requested(backend)
-        return BackendChoice("reference", dict.fromkeys(BACKENDS, AUTOGRAD_REASON), reference_host_read or host_read)
+        requested = _requested(backend)
+        if not trainable or (requested != "auto" and requested not in trainable):
+            return BackendChoice("reference", dict.fromkeys(BACKENDS, AUTOGRAD_REASON),
+                                 reference_host_read or host_read)
+        forward_only = unsupported
+
+        def unsupported():
+            reasons = dict(_evaluated(forward_only))
+            for name in BACKENDS:
+                if name not in trainable:
+                    reasons[name] = NO_BACKWARD_REASON
+            return reasons
     chosen = choose_backend(family, device, backend, unsupported=unsupported, size=size)
+    if autograd and chosen not in trainable:  # the torch fallback, where it has no backward
+        return BackendChoice("reference", dict.fromkeys(BACKENDS, AUTOGRAD_REASON), reference_host_read or host_read)
     reasons = {}
     if explain:
         unsupported = _evaluated(unsupported)

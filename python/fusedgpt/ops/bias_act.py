@@ -3,7 +3,10 @@
 Contract (CONVENTIONS.md): `bias_act_reference` is the specification; `bias_act` validates, follows
 `bias_act_backend` (the one decision of which backend serves a call) and runs it; the activations are
 fusedgpt.ops._limits.ACTIVATIONS. GPU paths: fusedgpt::bias_act (csrc/bias_act/bias_act.cu) and
-fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations.
+fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations and
+one backward (torch.library.register_autograd): fusedgpt::bias_act_backward_triton, dx and dbias in one
+pass (triton_kernels/bias_act.py), itself without a backward (double backward is an error). The torch
+backend trains through torch's own autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_float, check_tensor, check_unit_last_stride, check_vector, kernel_limits,
                                   needs_autograd)
 from fusedgpt.ops._limits import ACTIVATIONS
-from fusedgpt.triton_kernels.bias_act import bias_act_fwd
+from fusedgpt.triton_kernels.bias_act import bias_act_bwd, bias_act_fwd
 
 Tensor = torch.Tensor
 
@@ -66,6 +69,39 @@ if extension_available():
     torch.library.register_fake("fusedgpt::bias_act")(_bias_act_fake)
 
 
+@torch.library.custom_op("fusedgpt::bias_act_backward_triton", mutates_args=())
+def _bias_act_backward_triton(grad: Tensor, x: Tensor, bias: Tensor | None, activation: str) -> tuple[Tensor, Tensor]:
+    """(dx, dbias); dbias is empty without a bias (a custom op returns tensors, not None)."""
+    dx, dbias = bias_act_bwd(grad, x, bias, activation)
+    return dx, dbias if dbias is not None else x.new_empty(0)
+
+
+@_bias_act_backward_triton.register_fake
+def _bias_act_backward_fake(grad, x, bias, activation):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+
+
+def _bias_act_setup_context(ctx, inputs, output):
+    x, bias, activation = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.activation = activation
+
+
+def _bias_act_backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernel reads rows of unit stride
+        grad = grad.contiguous()
+    dx, dbias = _bias_act_backward_triton(grad, x, bias, ctx.activation)
+    return dx, dbias if bias is not None else None, None
+
+
+# The CUDA and Triton forwards share the Triton backward (the CUDA extension has no backward kernel yet).
+_bias_act_triton.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
+if extension_available():
+    torch.library.register_autograd("fusedgpt::bias_act", _bias_act_backward, setup_context=_bias_act_setup_context)
+_TRAINABLE = ("cuda", "triton", "torch")
+
+
 def _check(x, bias, activation) -> None:
     op = "bias_act"
     check_tensor(op, "x", x, min_rank=1)
@@ -79,7 +115,7 @@ def _check(x, bias, activation) -> None:
 def _decide(x: Tensor, bias: Tensor | None, backend: str | None, explain: bool = True) -> BackendChoice:
     """The decision for checked arguments (bias_act_backend's, which bias_act follows)."""
     return decide("bias_act", x.device, backend, unsupported=lambda: kernel_limits(x), size=x.numel(),
-                  autograd=needs_autograd(x, bias), explain=explain)
+                  autograd=needs_autograd(x, bias), explain=explain, trainable=_TRAINABLE)
 
 
 def bias_act_backend(x: Tensor, bias: Tensor | None, activation: str, *,
@@ -96,12 +132,11 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
 
     x: [..., N], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous.
     bias: [N] in x's dtype, or None. activation: "gelu_tanh" (GPT-2 / GPT-Neo), "gelu" (erf) or "relu"
-    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Calls that need autograd
-    take the reference. bias_act_backend(...) says which backend a call gets, and why."""
+    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Every backend trains: the
+    kernels' backward is one Triton pass (dx and dbias), the torch backend's is torch's own.
+    bias_act_backend(...) says which backend a call gets, and why."""
     _check(x, bias, activation)
     chosen = _decide(x, bias, backend, explain=False).backend
-    if chosen == "reference":
-        return bias_act_reference(x, bias, activation)
     if chosen == "torch":
         return _bias_act_torch(x, bias, activation)
     if chosen == "cuda":
