@@ -132,8 +132,8 @@ def _cache(*shape, dtype=torch.float16):
     (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
                                   torch.tensor([3]), None, None, None, 0.1, None, 1), "cache_lens must be int32"),
     (lambda: ops.decode_attention(_cache(1, 1, 2, 64), _cache(1, 8, 2, 64), _cache(1, 8, 2, 64),
-                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, 0),
-     r"num_splits must be in \[1, 1024\]"),
+                                  torch.tensor([3], dtype=torch.int32), None, None, None, 0.1, None, -1),
+     r"num_splits must be in \[0, 1024\] \(0: sized from occupancy\)"),
 ])
 def test_cpp_checks_name_the_argument(call, match):
     with pytest.raises(RuntimeError, match=match):

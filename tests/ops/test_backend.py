@@ -111,8 +111,7 @@ PATHS = {
                                                   "_decode_attention_torch": "torch",
                                                   "_decode_attention_triton": "triton"}),
     "kv_append": (_kv_append_call, {"kv_append_torch": "torch", "_kv_append_triton": "triton"}),
-    "layer_norm": (_layer_norm_call, {"layer_norm_reference": "reference", "_layer_norm_torch": "torch",
-                                      "_add_layer_norm_triton": "triton"}),
+    "layer_norm": (_layer_norm_call, {"_layer_norm_torch": "torch", "_add_layer_norm_triton": "triton"}),  # all train
     "bias_act": (_bias_act_call, {"_bias_act_torch": "torch", "_bias_act_triton": "triton"}),  # all train
 }
 

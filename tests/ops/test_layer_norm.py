@@ -1,12 +1,12 @@
-"""fusedgpt.ops.layer_norm against the float64 reference, on every backend; bad input; opcheck;
-torch.compile; the drop-in fusedgpt.nn.LayerNorm."""
+"""fusedgpt.ops.layer_norm against the float64 reference, on every backend, forward and backward (against
+float64 autograd of the reference); bad input; opcheck; torch.compile; the drop-in fusedgpt.nn.LayerNorm."""
 
 import pytest
 import torch
 from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
 
 import fusedgpt
-from fusedgpt.ops import layer_norm, layer_norm_reference
+from fusedgpt.ops import layer_norm, layer_norm_backend, layer_norm_reference
 
 CPU_SHAPES = [(1, 768), (7, 1600), (3, 5120), (2, 3, 1001), (4, 1), (2, 16384)]
 GPU_SHAPES = [(1, 768), (16, 768), (257, 1024), (5, 1600), (3, 2048), (2, 2560), (4, 4096), (3, 5120),
@@ -56,6 +56,61 @@ def test_matches_reference(backend, device, dtype, with_residual):
         _check(backend, *_inputs(shape, dtype, device, with_residual=with_residual))
 
 
+
+def _gradients(function, inputs, grads):
+    """Gradients of function(x, weight, bias, residual) (y, or (y, s)) under `grads`, on fresh leaves:
+    [dx, dweight, dbias, dresidual], None where an input is None."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    out = function(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grads[:len(outs)])
+    return [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_backward_matches_float64_autograd(backend, device, dtype, with_residual):
+    """dx, dweight, dbias (and dresidual, with the gradient of the returned sum flowing in too) of every
+    backend against float64 autograd of the reference, by the tolerance rule; the call trains on that
+    backend."""
+    skip_unsupported(backend, device, dtype)
+    shapes = [(5, 96), (2, 3, 257), (3, 1), (130, 64)] if device == "cpu" else [(16, 768), (257, 1024), (3, 7, 1001)]
+    for shape in shapes:
+        for affine in (True, False):
+            x, weight, bias, residual = _inputs(shape, dtype, device, affine=affine, with_residual=with_residual)
+            grads = [torch.randn(shape, dtype=dtype, device=device) for _ in range(2)]
+            choice = layer_norm_backend(x.detach().requires_grad_(True), weight, bias, 1e-5, residual, backend=backend)
+            assert choice.backend == backend, choice
+            poison_allocator(device)
+            actual = _gradients(lambda x, w, b, r: layer_norm(x, w, b, 1e-5, r, backend=backend),
+                                (x, weight, bias, residual), grads)
+            as64 = lambda t: None if t is None else t.double()  # noqa: E731
+            expected = _gradients(lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r),
+                                  [as64(t) for t in (x, weight, bias, residual)], [g.double() for g in grads])
+            baseline = _gradients(lambda x, w, b, r: _plain_pytorch(x, w, b, 1e-5, r), (x, weight, bias, residual),
+                                  grads)
+            for name, a, e, base in zip(("dx", "dweight", "dbias", "dresidual"), actual, expected, baseline):
+                if e is not None:
+                    assert_within_tolerance(a, e, base, f"{name} {shape} affine={affine}")
+
+
+@pytest.mark.parametrize("backend,device", [b for b in ALL_BACKENDS if b.values[0] != "torch"])
+def test_backward_of_expanded_gradients_and_no_double_backward(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    x, weight, bias, residual = _inputs((4, 40), torch.float32, device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, residual)]
+    y, s = layer_norm(leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], backend=backend)
+    (y.sum() + 2 * s.sum()).backward()  # expanded (stride 0) gradients
+    expected = _gradients(lambda x, w, b, r: (lambda y, s: y.sum() + 2 * s.sum())(*layer_norm_reference(x, w, b, 1e-5, r)),
+                          [t.double() for t in (x, weight, bias, residual)], [torch.tensor(1.0, dtype=torch.float64)])
+    for leaf, e in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad.double(), e, rtol=1e-4, atol=1e-5)
+    y = layer_norm(leaves[0], leaves[1], None, 1e-5, backend=backend)
+    (dx,) = torch.autograd.grad((y * y).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="layer_norm_backward_triton"):
+        dx.sum().backward()
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_without_weight_or_bias_and_strided_rows(backend, device):
     dtype = torch.float16
@@ -95,7 +150,7 @@ def test_float64_runs_on_the_reference_and_kernels_refuse_it():
         layer_norm(x, backend="triton")
 
 
-def test_autograd_calls_take_the_reference():
+def test_autograd_calls_train_on_the_default_backend():
     x = torch.randn(3, 64, requires_grad=True)
     weight = torch.randn(64, requires_grad=True)
     layer_norm(x, weight, None, 1e-5).sum().backward()
@@ -131,6 +186,13 @@ def test_opcheck_triton_ops(device):
     x, weight, bias, residual = _inputs((3, 96), torch.float32, device)
     torch.library.opcheck(torch.ops.fusedgpt.layer_norm_triton.default, (x, weight, bias, 1e-5))
     torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm_triton.default, (x, residual, None, bias, 1e-5))
+    # with gradients: the registered backward, and the backward op itself
+    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    torch.library.opcheck(torch.ops.fusedgpt.layer_norm_triton.default, (grad(x), grad(weight), grad(bias), 1e-5))
+    torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm_triton.default,
+                          (grad(x), grad(residual), grad(weight), None, 1e-5))
+    torch.library.opcheck(torch.ops.fusedgpt.layer_norm_backward_triton.default,
+                          (torch.randn_like(x), torch.randn_like(x), x, weight, 1e-5, True))
 
 
 @pytest.mark.gpu
@@ -138,6 +200,9 @@ def test_opcheck_cuda_ops():
     x, weight, bias, residual = _inputs((3, 96), torch.float16, "cuda")
     torch.library.opcheck(torch.ops.fusedgpt.layer_norm.default, (x, weight, bias, 1e-5))
     torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm.default, (x, residual, weight, None, 1e-5))
+    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm.default,
+                          (grad(x), grad(residual), grad(weight), grad(bias), 1e-5))
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -155,6 +220,15 @@ def test_torch_compile_fullgraph(backend, device):
     expected = block(x, residual)
     actual = compiled(x, residual)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    # Forward and backward in one traced graph: the registered backward is what AOTAutograd traces.
+    leaves = [t.clone().requires_grad_(True) for t in (x, residual)]
+    y, s = compiled(*leaves)
+    (y.sum() + s.square().sum()).backward()
+    eager = [t.clone().requires_grad_(True) for t in (x, residual)]
+    y, s = block(*eager)
+    (y.sum() + s.square().sum()).backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_drop_in_module_matches_torch_layer_norm():

@@ -5,8 +5,8 @@ is a FileNotFoundError that names it.
 
 The family adapters (gpt2.py, opt.py, gpt_neo.py) do the config conversion and key remapping; this
 module finds and reads the files, casts and places the tensors and checks that every weight is there.
-Models come back in eval mode with parameters that do not require grad (the kernels are
-inference-only; a call that needs autograd runs on the PyTorch reference ops).
+Models come back in eval mode with parameters that do not require grad (for inference; a model set to
+train with requires_grad_(True) trains through each op's backward, see fusedgpt.ops._backend.decide).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ it; the hidden-size limit is fusedgpt.ops._limits.MAX_COLUMNS. The GPU paths are
 ops with fake implementations:
     fusedgpt::layer_norm, fusedgpt::add_layer_norm                  (csrc/layer_norm/layer_norm.cu)
     fusedgpt::layer_norm_triton, fusedgpt::add_layer_norm_triton    (triton_kernels/layer_norm.py)
+All four share one backward (torch.library.register_autograd): fusedgpt::layer_norm_backward_triton, dx
+(= dresidual), dweight and dbias in one pass (triton_kernels/layer_norm.py), itself without a backward
+(double backward is an error). The torch backend trains through torch's own autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fusedgpt.ops._backend import BackendChoice, decide
 from fusedgpt.ops._checks import (check_float, check_like, check_tensor, check_unit_last_stride, check_vector,
                                   kernel_limits, needs_autograd)
 from fusedgpt.ops._limits import MAX_COLUMNS
-from fusedgpt.triton_kernels.layer_norm import layer_norm_fwd
+from fusedgpt.triton_kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
 
 Tensor = torch.Tensor
 
@@ -83,6 +86,68 @@ if extension_available():
     torch.library.register_fake("fusedgpt::add_layer_norm")(_add_layer_norm_fake)
 
 
+@torch.library.custom_op("fusedgpt::layer_norm_backward_triton", mutates_args=())
+def _layer_norm_backward_triton(grad: Tensor, grad_sum: Tensor | None, s: Tensor, weight: Tensor | None, eps: float,
+                                has_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias); dresidual is empty without a residual, dweight / dbias fp32."""
+    dx, dresidual, dweight, dbias = layer_norm_bwd(grad, grad_sum, s, weight, eps, has_residual)
+    return dx, dresidual if dresidual is not None else s.new_empty(0), dweight, dbias
+
+
+@_layer_norm_backward_triton.register_fake
+def _layer_norm_backward_fake(grad, grad_sum, s, weight, eps, has_residual):
+    columns = s.shape[-1]
+    return (s.new_empty(s.shape), s.new_empty(s.shape) if has_residual else s.new_empty(0),
+            s.new_empty(columns, dtype=torch.float32), s.new_empty(columns, dtype=torch.float32))
+
+
+def _unit_last_stride(grad: Tensor | None) -> Tensor | None:
+    """A gradient as the backward kernel reads it (rows of unit stride): e.g. a sum's is expanded."""
+    return grad.contiguous() if grad is not None and grad.stride(-1) != 1 else grad
+
+
+def _layer_norm_grads(ctx, grad, grad_sum, has_residual):
+    s, weight, bias = ctx.saved_tensors
+    dx, dresidual, dweight, dbias = _layer_norm_backward_triton(_unit_last_stride(grad), _unit_last_stride(grad_sum),
+                                                                s, weight, ctx.eps, has_residual)
+    dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[-3] else None
+    dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[-2] else None
+    return dx, (dresidual if has_residual else None), dweight, dbias
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.eps = eps
+
+
+def _layer_norm_backward(ctx, grad):
+    dx, _, dweight, dbias = _layer_norm_grads(ctx, grad, None, False)
+    return dx, dweight, dbias, None
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    ctx.save_for_backward(output[1], weight, bias)  # s = x + residual, as the forward stored it
+    ctx.eps = eps
+
+
+def _add_layer_norm_backward(ctx, grad, grad_sum):
+    dx, dresidual, dweight, dbias = _layer_norm_grads(ctx, grad, grad_sum, True)
+    return dx, dresidual, dweight, dbias, None
+
+
+# The CUDA and Triton forwards share the Triton backward (the CUDA extension has no backward kernel yet).
+_layer_norm_triton.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+_add_layer_norm_triton.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
+if extension_available():
+    torch.library.register_autograd("fusedgpt::layer_norm", _layer_norm_backward,
+                                    setup_context=_layer_norm_setup_context)
+    torch.library.register_autograd("fusedgpt::add_layer_norm", _add_layer_norm_backward,
+                                    setup_context=_add_layer_norm_setup_context)
+_TRAINABLE = ("cuda", "triton", "torch")
+
+
 def _check(x, weight, bias, eps, residual) -> None:
     op = "layer_norm"
     check_tensor(op, "x", x, min_rank=1)
@@ -108,7 +173,7 @@ def _decide(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Ten
             backend: str | None, explain: bool = True) -> BackendChoice:
     """The decision for checked arguments (layer_norm_backend's, which layer_norm follows)."""
     return decide("layer_norm", x.device, backend, unsupported=lambda: kernel_limits(x), size=x.numel(),
-                  autograd=needs_autograd(x, weight, bias, residual), explain=explain)
+                  autograd=needs_autograd(x, weight, bias, residual), explain=explain, trainable=_TRAINABLE)
 
 
 def layer_norm_backend(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
@@ -128,14 +193,13 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     1 <= C <= 16384. residual: like x (same shape, dtype, device). weight, bias: [C] in x's dtype, or None.
     Returns y = LN(x), or (y, s) with s = x + residual and y = LN(s): the add+norm of a pre-LN block in one
     pass over memory. Outputs are contiguous, in x's dtype; statistics are fp32 on every backend.
-    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend). Calls that need autograd take the
-    reference. layer_norm_backend(...) says which backend a call gets, and why.
+    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend); every one trains: the kernels'
+    backward is one Triton pass (dx = dresidual, dweight, dbias), the torch backend's is torch's own.
+    layer_norm_backend(...) says which backend a call gets, and why.
     """
     _check(x, weight, bias, eps, residual)
     chosen = _decide(x, weight, bias, residual, backend, explain=False).backend
     eps = float(eps)
-    if chosen == "reference":
-        return layer_norm_reference(x, weight, bias, eps, residual)
     if chosen == "torch":
         return _layer_norm_torch(x, weight, bias, eps, residual)
     if chosen == "cuda":
