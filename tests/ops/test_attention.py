@@ -6,7 +6,7 @@ import pytest
 import torch
 from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
 
-from fusedgpt.ops import attention, attention_reference
+from fusedgpt.ops import attention, attention_backend, attention_reference
 from fusedgpt.ops.attention import visible_keys
 
 # (B, Sq, Sk, H, D)
@@ -197,3 +197,127 @@ def test_torch_compile_fullgraph(backend, device):
 def test_head_dims_above_the_kernel_limit_use_the_reference():
     q = torch.randn(1, 3, 1, 300)
     torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q))
+
+
+# ---- training: the backward (FlashAttention-2's, on the Triton kernels) -----------------------------
+
+def _plain_gradients(q, k, v, causal, window, scale, kv_start, grad):
+    """Baseline gradients: SDPA in q's dtype with the same mask (a row that sees nothing is given key 0
+    and its output zeroed, so it contributes no gradient and no NaN)."""
+    mask = visible_keys(q.shape[1], k.shape[1], causal=causal, window=window, kv_start=kv_start, device=q.device)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    first_key = torch.arange(k.shape[1], device=q.device) == 0
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in leaves), attn_mask=mask | (empty & first_key), scale=scale)
+    out = torch.where(empty, 0.0, out).transpose(1, 2)
+    out.backward(grad)
+    return [leaf.grad for leaf in leaves]
+
+
+def _check_gradients(backend, q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+    grad = torch.randn_like(q)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    choice = attention_backend(*leaves, causal=causal, window=window, scale=scale, kv_start=kv_start, backend=backend)
+    assert choice.backend == backend, choice
+    poison_allocator(q.device.type)
+    attention(*leaves, causal=causal, window=window, scale=scale, kv_start=kv_start, backend=backend).backward(grad)
+    as64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    attention_reference(*as64, causal=causal, window=window, scale=scale, kv_start=kv_start).backward(grad.double())
+    effective_scale = q.shape[-1] ** -0.5 if scale is None else scale
+    baseline = _plain_gradients(q, k, v, causal, window, effective_scale, kv_start, grad)
+    for name, leaf, expected, base in zip(("dq", "dk", "dv"), leaves, as64, baseline):
+        assert leaf.grad.shape == leaf.shape
+        assert_within_tolerance(leaf.grad, expected.grad, base, f"{name} causal={causal} window={window} "
+                                                               f"kv_start={kv_start}")
+
+
+TRAINING_BACKENDS = [b for b in ALL_BACKENDS if b.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_float64_autograd(backend, device, dtype):
+    """dq, dk, dv against float64 autograd of the reference by the tolerance rule: causal, Sq < Sk, full
+    attention with a custom scale, GPT-Neo's unscaled window (and window 1), left padding with a sequence
+    that is all padding, odd head dims; several query and key blocks."""
+    skip_unsupported(backend, device, dtype)
+    small = device == "cpu"
+    make = lambda *case: _qkv(*case, dtype, device)  # noqa: E731
+    _check_gradients(backend, *make(2, 37, 37, 2, 16) if small else make(2, 300, 300, 12, 64))
+    _check_gradients(backend, *make(1, 20, 45, 2, 32) if small else make(2, 200, 1030, 16, 128))
+    _check_gradients(backend, *make(2, 19, 33, 1, 16), causal=False, scale=0.3)
+    _check_gradients(backend, *make(1, 40, 40, 2, 16) if small else make(1, 1000, 1000, 8, 128), window=7 if small else 256,
+                     scale=1.0)
+    _check_gradients(backend, *make(1, 18, 18, 1, 16), window=1)
+    kv_start = torch.tensor([0, 20, 35], dtype=torch.int32, device=device)
+    _check_gradients(backend, *make(3, 35, 35, 1, 16), kv_start=kv_start)
+    _check_gradients(backend, *make(3, 35, 35, 1, 16), kv_start=kv_start, window=9)
+    _check_gradients(backend, *make(1, 17, 23, 1, 80) if small else make(2, 257, 300, 4, 80))
+
+
+@pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)
+def test_backward_allocates_nothing_of_size_s_squared(backend, device):
+    """Every tensor the forward and backward create (recorded at the dispatcher) is O(S * D): none holds
+    B * H * Sq * Sk elements, as the reference's score matrix does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return result
+
+    skip_unsupported(backend, device, torch.float32)
+    batch, seq, heads, dim = 1, 96, 2, 16
+    q, k, v = (t.requires_grad_(True) for t in _qkv(batch, seq, seq, heads, dim, torch.float32, device))
+    with Largest():
+        attention(q, k, v, backend=backend).sum().backward()
+    assert q.grad is not None and 0 < Largest.numel < batch * heads * seq * seq
+    assert Largest.numel <= 4 * batch * seq * heads * dim  # O(S * D) (delta's fp32 product is the largest)
+
+
+@pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)
+def test_backward_of_expanded_gradients_and_no_double_backward(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 20, 20, 2, 16, torch.float32, device))
+    attention(q, k, v, window=5, backend=backend).sum().backward()  # an expanded (stride 0) gradient
+    as64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    attention_reference(*as64, window=5).sum().backward()
+    for leaf, expected in zip((q, k, v), as64):
+        torch.testing.assert_close(leaf.grad.double(), expected.grad, rtol=1e-4, atol=1e-5)
+    (dq,) = torch.autograd.grad(attention(q, k, v, backend=backend).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_backward_triton"):
+        dq.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_training_ops(device):
+    skip_unsupported("triton", device, torch.float32)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 5, 9, 2, 32, torch.float32, device))
+    kv_start = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.fusedgpt.attention_triton_train.default, (q, k, v, True, 4, 0.5, kv_start))
+    out, lse = torch.ops.fusedgpt.attention_triton_train(q.detach(), k.detach(), v.detach(), True, None, 0.5, None)
+    torch.library.opcheck(torch.ops.fusedgpt.attention_backward_triton.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, True, None, 0.5, None))
+
+
+@pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)
+def test_torch_compile_traces_forward_and_backward(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    q, k, v = _qkv(1, 9, 9, 2, 16, torch.float32, device)
+
+    def layer(q, k, v):
+        return attention(q * 2, k, v, window=4, backend=backend).sum(-1)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    compiled(*leaves).square().sum().backward()
+    eager = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    layer(*eager).square().sum().backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-5)

@@ -106,7 +106,7 @@ def _bias_act_call(dim, dtype, grad):
 # family -> (argument builder, {module-level name of a path: the backend it is})
 PATHS = {
     "attention": (_attention_call, {"attention_reference": "reference", "_attention_torch": "torch",
-                                    "_attention_triton": "triton"}),
+                                    "_attention_triton": "triton", "_attention_triton_trained": "triton"}),
     "decode_attention": (_decode_attention_call, {"decode_attention_reference": "reference",
                                                   "_decode_attention_torch": "torch",
                                                   "_decode_attention_triton": "triton"}),
@@ -123,6 +123,7 @@ CALLS = {
     "bfloat16 under the interpreter": (True, 16, torch.bfloat16, False, None),
     "head dim above the Triton limit": (True, 272, torch.float32, False, None),
     "autograd": (True, 16, torch.float32, True, None),
+    "autograd without the interpreter": (False, 16, torch.float32, True, None),
     "torch by name": (True, 16, torch.float32, False, "torch"),
 }
 

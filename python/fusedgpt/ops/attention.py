@@ -6,6 +6,11 @@ Contract (CONVENTIONS.md): `attention_reference` is the specification; `attentio
 supports: fusedgpt.ops._limits. GPU paths, custom ops with fake implementations:
     fusedgpt::attention          hand-written CUDA, mma.sync tensor cores (csrc/attention/)
     fusedgpt::attention_triton   Triton (triton_kernels/attention.py)
+Training (calls that need autograd) runs on fusedgpt::attention_triton_train, the Triton forward that also
+returns each row's log-sum-exp, with FlashAttention-2's backward registered on it
+(fusedgpt::attention_backward_triton: dQ, dK, dV recomputed tile by tile, causal / window / padding
+tiles skipped as in the forward, no S x S tensor; itself without a backward, so a double backward is an
+error). The CUDA forward saves no log-sum-exp: its calls that need autograd go to the Triton kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from fusedgpt.ops._checks import (check_head_tensors, check_int32_per_sequence, 
                                   check_window_and_scale, kernel_limits, needs_autograd)
 from fusedgpt.ops._limits import (CUDA_ATTENTION_DTYPES, CUDA_ATTENTION_HEAD_DIMS, MAX_BATCH_HEADS,
                                   TRITON_ATTENTION_MAX_HEAD_DIM)
-from fusedgpt.triton_kernels.attention import attention_fwd
+from fusedgpt.triton_kernels.attention import attention_bwd, attention_fwd
 
 Tensor = torch.Tensor
 
@@ -112,6 +117,53 @@ def _attention_fake(q, k, v, causal, window, scale, kv_start):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("fusedgpt::attention_triton_train", mutates_args=())
+def _attention_triton_train(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, scale: float,
+                            kv_start: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out, lse): lse [B, H, Sq] fp32, each row's log2-sum-exp2 of its scaled scores (+inf: no key)."""
+    return attention_fwd(q, k, v, causal, window, scale, kv_start, store_lse=True)
+
+
+@_attention_triton_train.register_fake
+def _attention_train_fake(q, k, v, causal, window, scale, kv_start):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedgpt::attention_backward_triton", mutates_args=())
+def _attention_backward_triton(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                               window: int | None, scale: float,
+                               kv_start: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return attention_bwd(grad, q, k, v, out, lse, causal, window, scale, kv_start)
+
+
+@_attention_backward_triton.register_fake
+def _attention_backward_fake(grad, q, k, v, out, lse, causal, window, scale, kv_start):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, window, scale, kv_start = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start)
+    ctx.causal, ctx.window, ctx.scale = causal, window, scale
+
+
+def _attention_backward(ctx, grad, grad_lse):  # lse is internal: nothing differentiates it
+    q, k, v, out, lse, kv_start = ctx.saved_tensors
+    if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernels read rows of unit stride
+        grad = grad.contiguous()
+    dq, dk, dv = _attention_backward_triton(grad, q, k, v, out, lse, ctx.causal, ctx.window, ctx.scale, kv_start)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_triton_train.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _attention_triton_trained(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, scale: float,
+                              kv_start: Tensor | None) -> Tensor:
+    """The "triton" backend for a call that needs autograd: the forward that keeps the log-sum-exp."""
+    return _attention_triton_train(q, k, v, causal, window, scale, kv_start)[0]
+
 _CUDA_OP_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "attention")
 if _CUDA_OP_BUILT:
     torch.library.register_fake("fusedgpt::attention")(_attention_fake)
@@ -179,7 +231,7 @@ def _decide(q: Tensor, k: Tensor, v: Tensor, kv_start: Tensor | None, backend: s
                                        cuda_dtypes=torch_dtypes(CUDA_ATTENTION_DTYPES))
     copied = kv_start is not None and kv_start.device != q.device
     return decide("attention", q.device, backend, unsupported=unsupported, size=q.numel() + k.numel(),
-                  autograd=needs_autograd(q, k, v), explain=explain,
+                  autograd=needs_autograd(q, k, v), explain=explain, trainable=("triton",),
                   host_read=f"kv_start on {kv_start.device} is copied to {q.device}" if copied else None)
 
 
@@ -205,9 +257,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     kv_start int32 [B] (on q's device; a CPU tensor is copied there): keys before it are left padding;
     a query with no visible key returns zeros. Returns a contiguous [B, Sq, H, D] in q's dtype.
     Backends: "cuda" (float16/bfloat16, D in 64/80/96/128, 16-byte aligned rows), "triton" (any float
-    dtype, D up to 256; float32 with IEEE dots), "torch" (SDPA with the mask, O(S^2) memory, any D). The
-    kernels are inference-only: calls that need autograd use the reference. attention_backend(...) says
-    which backend a call gets, and why."""
+    dtype, D up to 256; float32 with IEEE dots), "torch" (SDPA with the mask, O(S^2) memory, any D). Calls
+    that need autograd train on the Triton kernels (FlashAttention-2's backward, O(S) memory), or on the
+    reference where Triton cannot run them. attention_backend(...) says which backend a call gets, and
+    why."""
     _check(q, k, v, causal, window, scale, kv_start)
     chosen = _decide(q, k, v, kv_start, backend, explain=False).backend
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
@@ -218,4 +271,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
         return _attention_torch(q, k, v, causal, window, scale, kv_start)
     if chosen == "cuda":
         return torch.ops.fusedgpt.attention(q, k, v, causal, window, scale, kv_start)
+    if needs_autograd(q, k, v):
+        return _attention_triton_trained(q, k, v, causal, window, scale, kv_start)
     return _attention_triton(q, k, v, causal, window, scale, kv_start)
