@@ -146,7 +146,7 @@ def _meta(*shape, dtype):
 
 
 def _attention_cases(dtype):
-    from fusedgpt.triton_kernels.attention import attention_fwd
+    from fusedgpt.triton_kernels.attention import attention_bwd, attention_fwd
 
     for case in bench_attention.benchmark_cases(quick=False):
         batch, seq, heads, dim, window, scale = (case["batch"], case["seq_len"], case["heads"], case["head_dim"],
@@ -166,6 +166,19 @@ def _attention_cases(dtype):
         yield Case("attention", bench_attention.case_label(case), dtype, dim,
                    bench_attention.attention_flops(batch, heads, dim, seq, window),
                    4 * batch * seq * heads * dim * element, launch, code)
+
+        def train(batch=batch, seq=seq, heads=heads, dim=dim, window=window, scale_value=scale_value):
+            q, k, v = (_meta(batch, seq, heads, dim, dtype=dtype) for _ in range(3))
+            out, lse = attention_fwd(q, k, v, True, window, scale_value, None, store_lse=True)
+            attention_bwd(_meta(batch, seq, heads, dim, dtype=dtype), q, k, v, out, lse, True, window, scale_value,
+                          None)
+
+        # A training step's attention (Triton only): the forward keeping the log-sum-exp, then the backward,
+        # whose five matmuls per tile are 2.5x the forward's FLOPs (FlashAttention-2's count); bytes: q, k,
+        # v, out read and written once forward, q, k, v, out, dout read and dq, dk, dv written backward.
+        yield Case("attention", bench_attention.case_label(case) + " train", dtype, dim,
+                   bench_attention.attention_flops(batch, heads, dim, seq, window) * 7 // 2,
+                   12 * batch * seq * heads * dim * element, train, "")
 
 
 H200_MULTIPROCESSORS = 132  # the lent H200, as PyTorch reported it (/work/.library/device/KINDS.md, 2026-10-28)
@@ -275,7 +288,8 @@ def benchmark_cases(families) -> list[Case]:
 # ----------------------------------------------------------------------------------------------------
 
 TRITON_KERNELS = {  # family -> (module, the kernels its launcher calls)
-    "attention": ("fusedgpt.triton_kernels.attention", ("_attention_fwd_kernel",)),
+    "attention": ("fusedgpt.triton_kernels.attention",
+                  ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")),
     "decode_attention": ("fusedgpt.triton_kernels.decode_attention",
                          ("_decode_attention_split_kernel", "_decode_attention_combine_kernel")),
     "kv_append": ("fusedgpt.triton_kernels.kv_append", ("_kv_append_fwd_kernel",)),
