@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from tiny_models import (CPU_BACKENDS, VARIANTS, assert_logits_match, gpt2_config, gpt_neo_config, hf_model,
+from tiny_models import (CPU_BACKENDS, VARIANTS, assert_logits_match, gpt2_config, gpt_neo_config, hf_model, hf_positions,
                          left_padded, set_backend)
 
 import fusedgpt
@@ -187,3 +187,48 @@ def test_real_size_logits_on_gpu(name, dtype):
     ours = fusedgpt.from_hf(hf)
     ids, mask = left_padded([300, 257], vocab=config.vocab_size)
     assert_logits_match(hf, ours, ids.cuda(), mask.cuda(), f"{name} {dtype}")
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+def _training_losses(model, step_loss, steps=3, lr=0.05):
+    """The losses of `steps` SGD steps (float32)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = step_loss(model)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", ["gpt2", "opt-350m", "gpt_neo"])
+def test_training_with_labels_follows_transformers(monkeypatch, backend, variant):
+    """A forward with labels returns the mean next-token loss (through linear_cross_entropy: no logits);
+    three optimizer steps of the converted model give transformers' losses, left padding and ignored
+    labels included: every op's backward (Triton's kernels under the interpreter, or torch's) is right."""
+    set_backend(monkeypatch, backend, "cpu")
+    hf = hf_model(variant)  # eval mode, so no dropout: the two runs must see the same function
+    ours = fusedgpt.from_hf(hf).requires_grad_(True)
+    ids, mask = left_padded([14, 9])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 5] = -100  # a position that does not count
+    # A row's first token would be predicted from a pad position, which sees no key here and its own pad
+    # embedding in transformers: not a prediction anyone trains on.
+    labels[torch.arange(ids.shape[0]), mask.argmax(dim=1)] = -100
+    positions = hf_positions(mask)
+    theirs = _training_losses(hf, lambda m: m(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              labels=labels).loss)
+    mine = _training_losses(ours, lambda m: m(ids, mask, labels=labels))
+    assert mine[-1] < mine[0]
+    torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=2e-4, atol=2e-4)
+    with torch.no_grad():
+        logits = ours(ids, mask)
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1))
+        torch.testing.assert_close(ours(ids, mask, labels=labels), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="labels must be int64 with input_ids' shape"):
+        ours(ids, mask, labels=labels[:, 1:])

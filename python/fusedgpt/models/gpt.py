@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fusedgpt.nn import LayerNorm, LinearAct
-from fusedgpt.ops import attention, decode_attention_plan, kv_append
+from fusedgpt.ops import attention, decode_attention_plan, kv_append, linear_cross_entropy
 
 Tensor = torch.Tensor
 # One (k_cache, v_cache) pair per layer, each [B, S_max, H, D].
@@ -272,15 +272,26 @@ class GPT(nn.Module):
             raise ValueError(f"{what} has {length} positions but this {self.config.family} model has "
                              f"{self.config.max_positions} (max_position_embeddings)")
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """input_ids [B, S] -> logits [B, S, V]; with labels [B, S] (int64, -100 where a position does not
+        count; usually input_ids with padding set to -100), the mean next-token loss instead (Hugging Face's
+        shift: position t predicts labels[t + 1]), by fusedgpt.ops.linear_cross_entropy, which never holds
+        the [B * S, V] logits."""
         check_input_ids(input_ids, self.config.vocab_size)
         if input_ids.device != self.device:
             raise ValueError(f"input_ids must be on the model's device ({self.device}), got {input_ids.device}")
         self.check_positions(input_ids.shape[1], "input_ids")
+        if labels is not None and (labels.shape != input_ids.shape or labels.dtype != torch.int64):
+            raise ValueError(f"labels must be int64 with input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{labels.dtype} {tuple(labels.shape)}")
         kv_start = left_padding(attention_mask, input_ids)
         positions = prompt_positions(input_ids.shape[1], kv_start, input_ids.device)
         hidden = self.blocks_forward(self.embed(input_ids, positions), kv_start)
-        return self.logits(hidden)
+        if labels is None:
+            return self.logits(hidden)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (S - 1), E)
+        return linear_cross_entropy(predicting, weight, labels.to(hidden.device)[:, 1:].reshape(-1))
 
     def prefill(self, input_ids: Tensor, kv_start: Tensor | None, cache: KVCache) -> Tensor:
         """Runs the prompt, writes every layer's keys and values into cache slots 0..S-1 and returns the

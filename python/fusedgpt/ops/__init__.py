@@ -9,6 +9,8 @@ from fusedgpt.ops.decode_attention import (DecodeAttentionPlan, decode_attention
 from fusedgpt.ops.bias_act import bias_act, bias_act_backend, bias_act_reference
 from fusedgpt.ops.kv_append import kv_append, kv_append_backend, kv_append_reference
 from fusedgpt.ops.layer_norm import layer_norm, layer_norm_backend, layer_norm_reference
+from fusedgpt.ops.linear_cross_entropy import (linear_cross_entropy, linear_cross_entropy_backend,
+                                               linear_cross_entropy_reference)
 
 __all__ = [
     "BACKENDS", "BackendChoice", "choose_backend",
@@ -18,4 +20,5 @@ __all__ = [
     "decode_attention_reference",
     "kv_append", "kv_append_backend", "kv_append_reference",
     "layer_norm", "layer_norm_backend", "layer_norm_reference",
+    "linear_cross_entropy", "linear_cross_entropy_backend", "linear_cross_entropy_reference",
 ]
