@@ -638,3 +638,67 @@ def test_torch_compile_inductor_gpu(monkeypatch):
     compiled = torch.compile(model, fullgraph=True)
     actual = compiled(ids, attention_mask=mask, position_ids=positions(mask)).logits
     torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+              "opt": dict(dropout=0.0, attention_dropout=0.0),
+              "gpt_neo": dict(resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0)}
+
+
+def _sgd_losses(model, ids, mask, labels, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = model(ids, attention_mask=mask, position_ids=positions(mask), labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses, out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_trains_like_the_unpatched_one(family, backend, checkpointing, monkeypatch):
+    """Three SGD steps in float32, in training mode (dropout 0) with left padding and ignored labels: the
+    patched model's losses are the unpatched one's (every fused op's backward, the attention's included,
+    and the fused head loss, whose output has no logits); with gradient checkpointing too (the patched
+    blocks are recomputed in the backward). unpatch() then gives the original forward back."""
+    use_backend(monkeypatch, backend)
+    original = build(family, **NO_DROPOUT[family]).train()
+    if checkpointing:
+        original.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched = fusedgpt.patch(copy.deepcopy(original))
+    ids, mask = left_padded([13, 8])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[torch.arange(2), mask.argmax(dim=1)] = -100  # predicted from a pad position: not trained on
+    expected, expected_out = _sgd_losses(original, ids, mask, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the eager attention
+        actual, out = _sgd_losses(patched, ids, mask, labels)
+    assert expected_out.logits is not None and out.logits is None
+    assert actual[-1] < actual[0]
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=2e-4, atol=2e-4)
+    with torch.no_grad():  # no gradients: the usual forward, logits and loss
+        evaluated = patched(ids, attention_mask=mask, position_ids=positions(mask), labels=labels)
+    assert evaluated.logits is not None and evaluated.loss is not None
+    fusedgpt.unpatch(patched)
+    assert patched(ids, attention_mask=mask, position_ids=positions(mask), labels=labels).logits is not None
+
+
+def test_fused_loss_divides_by_num_items_in_batch(monkeypatch):
+    """Under the Trainer's gradient accumulation transformers divides the summed loss by the batches'
+    token count (num_items_in_batch); the fused head loss does the same."""
+    use_backend(monkeypatch, "torch")
+    original = build("gpt2", **NO_DROPOUT["gpt2"])
+    patched = fusedgpt.patch(copy.deepcopy(original))
+    ids = torch.randint(1, VOCAB, (2, 9))
+    items = torch.tensor(40)
+    expected = original(ids, labels=ids, num_items_in_batch=items).loss
+    actual = patched(ids, labels=ids, num_items_in_batch=items).loss
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

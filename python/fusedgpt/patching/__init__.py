@@ -14,6 +14,10 @@ classification, question answering, token classification, GPT-2's double heads):
     layers fold both adds). The add before the first norm belongs to the previous block and stays apart.
   - mlp: the first projection's bias + activation in one fusedgpt.ops.bias_act (GPT-2's Conv1D as
     x @ W then bias_act; OPT's fc1 + ReLU; GPT-Neo's c_fc + GELU-tanh).
+And on the language-model head (GPT2LMHeadModel, OPTForCausalLM, GPTNeoForCausalLM), loss: a training
+call with labels takes its loss from fusedgpt.ops.linear_cross_entropy on the last hidden states, never
+making the logits (layers.causal_lm_forward). Every fused op has a backward: a patched model trains on
+the kernels.
 Everything replaced is recorded on the module it came from (restore.py), so unpatch() restores the
 original behaviour exactly, deep copies of a patched model stay independent, and patching twice
 starts again from the original (the new flags win).
@@ -45,7 +49,7 @@ import torch
 from fusedgpt.ops.layer_norm import MAX_COLUMNS
 from fusedgpt.patching import gpt2, gpt_neo, opt
 from fusedgpt.patching.attention import ATTENTION_NAME, fusedgpt_attention, fusedgpt_mask
-from fusedgpt.patching.layers import FUSED_ACTIVATIONS, PatchedLayerNorm, mlp_forward
+from fusedgpt.patching.layers import FUSED_ACTIVATIONS, PatchedLayerNorm, causal_lm_forward, mlp_forward
 from fusedgpt.patching.registration import register, register_now_or_on_import, require_transformers
 from fusedgpt.patching.restore import is_recorded, override_forward, restore, set_attention_implementation, swap_class
 
@@ -70,18 +74,20 @@ class Family:
     mlp: str | None
     self_attention: str | None  # patched at module level (GPT-Neo); None: via AttentionInterface
     heads: tuple[str, ...]  # the model classes transformers ships (for the error message)
+    causal_lm: str  # the language-model head whose training loss patch() fuses
 
 
 FAMILIES = {
     "gpt2": Family("GPT-2", "transformers.models.gpt2.modeling_gpt2", "GPT2Model", "GPT2Block", "GPT2MLP", None,
                    ("GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification",
-                    "GPT2ForTokenClassification", "GPT2ForQuestionAnswering")),
+                    "GPT2ForTokenClassification", "GPT2ForQuestionAnswering"), "GPT2LMHeadModel"),
     "opt": Family("OPT", "transformers.models.opt.modeling_opt", "OPTDecoder", "OPTDecoderLayer", None, None,
-                  ("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering")),
+                  ("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"),
+                  "OPTForCausalLM"),
     "gpt_neo": Family("GPT-Neo", "transformers.models.gpt_neo.modeling_gpt_neo", "GPTNeoModel", "GPTNeoBlock",
                       "GPTNeoMLP", "GPTNeoSelfAttention",
                       ("GPTNeoModel", "GPTNeoForCausalLM", "GPTNeoForSequenceClassification",
-                       "GPTNeoForTokenClassification", "GPTNeoForQuestionAnswering")),
+                       "GPTNeoForTokenClassification", "GPTNeoForQuestionAnswering"), "GPTNeoForCausalLM"),
 }
 
 
@@ -154,7 +160,8 @@ def _patch_stack(key: str, stack: torch.nn.Module, fuse_attention: bool, layer_n
             override_forward(module, forward)
 
 
-def _patch(model: torch.nn.Module, wanted: str | None, attention: bool, layer_norm: bool, mlp: bool):
+def _patch(model: torch.nn.Module, wanted: str | None, attention: bool, layer_norm: bool, mlp: bool,
+           loss: bool):
     require_transformers("fusedgpt.patch")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fusedgpt.patch: model must be a torch.nn.Module (a transformers model), "
@@ -165,6 +172,10 @@ def _patch(model: torch.nn.Module, wanted: str | None, attention: bool, layer_no
     unpatch(model)  # patching twice starts again from the original
     for key, stack in stacks:
         _patch_stack(key, stack, bool(attention), bool(layer_norm), bool(mlp))
+    if loss:
+        for key, family in FAMILIES.items():
+            for head in _modules_of(model, family, family.causal_lm):
+                override_forward(head, causal_lm_forward(type(head).forward))
     return model
 
 
@@ -172,31 +183,37 @@ def _patch(model: torch.nn.Module, wanted: str | None, attention: bool, layer_no
 # Entry points
 # ----------------------------------------------------------------------------------------------------
 
-def patch(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True):
+def patch(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
+          loss: bool = True):
     """Put fusedgpt's fused kernels into a transformers GPT-2, OPT or GPT-Neo model, in place; returns it.
 
     attention: fused attention (GPT-2 / OPT through transformers' AttentionInterface as "fusedgpt",
     GPT-Neo at module level with its local window and unscaled scores); layer_norm: fused LayerNorms
-    with the residual add folded in; mlp: the first MLP projection's bias + activation fused.
+    with the residual add folded in; mlp: the first MLP projection's bias + activation fused; loss: the
+    *ForCausalLM training loss (labels given, gradients on) from fusedgpt.ops.linear_cross_entropy, which
+    never makes the [tokens, vocab] logits (the output's logits are then None).
     Parameters, buffers and state-dict keys stay the same objects and names; unpatch(model) restores
     the original behaviour exactly. Patching a patched model starts again from the original. Any head
     type transformers ships works; another model is a TypeError listing the supported ones."""
-    return _patch(model, None, attention, layer_norm, mlp)
+    return _patch(model, None, attention, layer_norm, mlp, loss)
 
 
-def patch_gpt2(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True):
+def patch_gpt2(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
+               loss: bool = True):
     """patch() for GPT-2 models only (GPT2Model, GPT2LMHeadModel, ...); anything else is a TypeError."""
-    return _patch(model, "gpt2", attention, layer_norm, mlp)
+    return _patch(model, "gpt2", attention, layer_norm, mlp, loss)
 
 
-def patch_opt(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True):
+def patch_opt(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
+              loss: bool = True):
     """patch() for OPT models only (OPTModel, OPTForCausalLM, ...); anything else is a TypeError."""
-    return _patch(model, "opt", attention, layer_norm, mlp)
+    return _patch(model, "opt", attention, layer_norm, mlp, loss)
 
 
-def patch_gpt_neo(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True):
+def patch_gpt_neo(model: torch.nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
+                  loss: bool = True):
     """patch() for GPT-Neo models only (GPTNeoModel, GPTNeoForCausalLM, ...); anything else is a TypeError."""
-    return _patch(model, "gpt_neo", attention, layer_norm, mlp)
+    return _patch(model, "gpt_neo", attention, layer_norm, mlp, loss)
 
 
 def unpatch(model: torch.nn.Module):

@@ -1,6 +1,7 @@
 """What the families' patched forwards share: the LayerNorm class patch() swaps in, bias + activation
 through fusedgpt.ops.bias_act (with the plain expression for inputs the op cannot take), the MLP forward
-of GPT-2 and GPT-Neo, and the binding of a call to the original forward's argument names.
+of GPT-2 and GPT-Neo, the *ForCausalLM forward whose training loss never holds the logits, and the
+binding of a call to the original forward's argument names.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from fusedgpt.nn import LayerNorm
 from fusedgpt.nn.bias_act import HF_ACTIVATIONS
-from fusedgpt.ops import bias_act
+from fusedgpt.ops import bias_act, linear_cross_entropy
 
 Tensor = torch.Tensor
 
@@ -71,3 +72,47 @@ def named_arguments(forward, module, *args, **kwargs) -> dict:
     arguments.pop("self", None)
     arguments.update(arguments.pop("kwargs", {}))
     return arguments
+
+
+def causal_lm_forward(original):
+    """GPT2LMHeadModel / OPTForCausalLM / GPTNeoForCausalLM.forward, except that a call with labels while
+    gradients are on (training) runs the model with its head as the identity, so that the "logits" are the
+    last hidden states [B, S, E], and takes the loss from fusedgpt.ops.linear_cross_entropy on them and
+    the head's weight: the [B * S, V] logits are never made, and the output's logits are None (as
+    Liger-Kernel's fused-loss forwards return). The loss is transformers' ForCausalLMLoss: position t
+    predicts labels[t + 1], -100 ignored, the mean over the counted tokens, or their sum divided by
+    num_items_in_batch when the Trainer passes it (gradient accumulation). It keeps the original's
+    signature (functools.wraps), which generate() inspects to decide what to pass (position ids...)."""
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        arguments = named_arguments(original, self, *args, **kwargs)
+        labels = arguments.pop("labels", None)
+        if labels is None or not torch.is_grad_enabled():
+            return original(self, *args, **kwargs)
+        head = self.get_output_embeddings()
+        own = head.__dict__.get("forward")
+        head.forward = _identity
+        try:
+            out = original(self, **arguments)
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
+        hidden = out[0] if isinstance(out, tuple) else out.logits  # (B, S, E): the head was the identity
+        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+        bias = head.bias if head.bias is None or head.bias.dtype == hidden.dtype else head.bias.to(hidden.dtype)
+        shifted = labels.to(hidden.device)[:, 1:].reshape(-1)  # (B * (S - 1),)
+        loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, shifted, bias)
+        items = arguments.get("num_items_in_batch")
+        if items is not None:  # the sum over this batch's counted tokens, over the accumulated batches' count
+            loss = loss * (shifted != -100).sum() / items
+        if isinstance(out, tuple):
+            return (loss, None, *out[1:])
+        fields = {key: value for key, value in out.items() if key not in ("loss", "logits")}
+        return type(out)(loss=loss, logits=None, **fields)
+    return forward
+
+
+def _identity(hidden: Tensor) -> Tensor:
+    return hidden
