@@ -27,7 +27,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "bench"
 SCRIPTS = ("bench_layer_norm", "bench_bias_act", "bench_kv_append", "bench_attention", "bench_decode_attention",
-           "bench_generate", "bench_patching", "sanitize_ops")
+           "bench_generate", "bench_patching", "bench_train", "sanitize_ops")
 OP_FAMILIES = ("layer_norm", "bias_act", "kv_append", "attention", "decode_attention")
 FAKE_DEVICE = "NVIDIA H100 80GB HBM3"
 SLUG = "nvidia-h100-80gb-hbm3"
@@ -1045,6 +1045,27 @@ def test_generate_cpu_rows(bench, monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown"):
         generate.main(["--cpu", "--models", "opt-1.3b"])
 
+
+
+def test_train_cpu_rows(bench, monkeypatch, tmp_path):
+    """bench_train.py --cpu: one AdamW step of every provider on the embedded model's shape. The check
+    column is each provider's first loss against transformers eager's (same weights, same batch), which
+    must agree to float32 rounding; the ratios are the ms' quotients; speed itself proves nothing here."""
+    train = bench.bench_train
+    monkeypatch.setattr(train, "CPU_CASE", (2, 12))
+    assert train.main(["--cpu", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.csv")
+    with open(path, newline="") as handle:
+        rows = {row["provider"]: row for row in csv.DictReader(handle) if row["family"] == "train"}
+    assert set(rows) == set(train.PROVIDERS)
+    assert all(row["case"] == "embedded b2 s12" and not row.get("error") for row in rows.values())
+    assert all(float(row["check"]) < 1e-5 for row in rows.values())
+    fused = rows["fusedgpt-patch"]
+    assert float(fused["ratio_vs_hf_eager"]) == pytest.approx(float(rows["hf-eager"]["ms"]) / float(fused["ms"]),
+                                                               rel=1e-4)
+    assert float(fused["tokens_per_s"]) == pytest.approx(2 * 12 / (float(fused["ms"]) / 1e3), rel=1e-4)
+    with pytest.raises(SystemExit, match="unknown"):
+        train.main(["--models", "opt-66b"])
 
 def test_sanitize_ops_attention_exercises_on_the_cpu(bench, monkeypatch):
     """sanitize_ops.py's attention and decode exercises (what racecheck watches on a GPU), run here on the
