@@ -702,3 +702,21 @@ def test_fused_loss_divides_by_num_items_in_batch(monkeypatch):
     expected = original(ids, labels=ids, num_items_in_batch=items).loss
     actual = patched(ids, labels=ids, num_items_in_batch=items).loss
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_trains_under_bf16_autocast(family, monkeypatch):
+    """Mixed precision: float32 parameters under torch.autocast(bfloat16). The fused ops take what they
+    can (same-dtype calls) and the rest runs PyTorch's expression; the loss matches the unpatched model's
+    under the same autocast, and every parameter gets a finite gradient."""
+    use_backend(monkeypatch, "torch")
+    original = build(family, **NO_DROPOUT[family]).train()
+    patched = fusedgpt.patch(copy.deepcopy(original))
+    ids = torch.randint(1, VOCAB, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = original(ids, labels=ids).loss
+        actual = patched(ids, labels=ids).loss
+    actual.backward()
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected.float(), rtol=2e-2, atol=2e-2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in patched.parameters())
