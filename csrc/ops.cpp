@@ -45,8 +45,14 @@ TORCH_LIBRARY(fusedgpt, m) {
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   // s = x + residual; y = LayerNorm(s). Returns (y, s).
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // (dx, dresidual, dweight, dbias) of either, from s (what was normalised) and the gradients of y (and of
+  // the returned sum); dresidual equals dx (empty without a residual), dweight / dbias are fp32.
+  m.def("layer_norm_backward(Tensor grad, Tensor? grad_sum, Tensor s, Tensor? weight, float eps, "
+        "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)");
   // y = activation(x + bias), activation in {"gelu_tanh", "gelu", "relu"}.
   m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor");
+  // (dx, dbias) of bias_act: dx = grad * activation'(x + bias), dbias = sum of dx over rows (empty: no bias).
+  m.def("bias_act_backward(Tensor grad, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)");
   // k_cache[b, positions[b] + t] = k[b, t] (same for v), for every sequence whose block fits the cache.
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
   // Prefill attention over [B, S, H, D]: causal / sliding window / left padding (kv_start).

@@ -23,7 +23,11 @@ SCHEMAS = {
     "layer_norm": "fusedgpt::layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor",
     "add_layer_norm": "fusedgpt::add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
                       "float eps) -> (Tensor, Tensor)",
+    "layer_norm_backward": "fusedgpt::layer_norm_backward(Tensor grad, Tensor? grad_sum, Tensor s, Tensor? weight, "
+                           "float eps, bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)",
     "bias_act": "fusedgpt::bias_act(Tensor x, Tensor? bias, str activation) -> Tensor",
+    "bias_act_backward": "fusedgpt::bias_act_backward(Tensor grad, Tensor x, Tensor? bias, str activation) -> "
+                         "(Tensor, Tensor)",
     "kv_append": "fusedgpt::kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
                  "Tensor positions) -> ()",
     "attention": "fusedgpt::attention(Tensor q, Tensor k, Tensor v, bool causal, int? window, float scale, "
@@ -67,6 +71,13 @@ def _cache(*shape, dtype=torch.float16):
     (lambda: ops.bias_act(torch.randn(4, 8), None, "relu"), "x must be a CUDA tensor, got cpu"),
     (lambda: ops.bias_act(torch.randn(4, 8), None, "swish"), 'activation must be "gelu_tanh", "gelu" or "relu"'),
     (lambda: ops.bias_act(torch.randn(4, 8), torch.randn(4), "gelu"), r"bias must have shape \[8\]"),
+    (lambda: ops.layer_norm_backward(torch.randn(4, 7), None, torch.randn(4, 8), None, 1e-5, False),
+     r"grad must have the shape of s \(\[4, 8\]\)"),
+    (lambda: ops.layer_norm_backward(torch.randn(4, 8), None, torch.randn(4, 8), torch.randn(3), 1e-5, False),
+     r"weight must have shape \[8\]"),
+    (lambda: ops.bias_act_backward(torch.randn(4, 7), torch.randn(4, 8), None, "gelu"),
+     r"grad must have the shape of x \(\[4, 8\]\)"),
+    (lambda: ops.bias_act_backward(torch.randn(4, 8), torch.randn(4, 8), None, "relu"), "x must be a CUDA tensor"),
     (lambda: ops.bias_act(torch.randn(4, 8).long(), None, "gelu"), "x must be float16, bfloat16 or float32"),
     # kv_append
     (lambda: ops.kv_append(_cache(2, 8, 3, 16), _cache(2, 8, 3, 16), _cache(2, 1, 3, 16), _cache(2, 1, 3, 16),

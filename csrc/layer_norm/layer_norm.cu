@@ -2,8 +2,17 @@
 //   s = x + residual (rounded to the input dtype, as the unfused block stores it), y = LN(s).
 // One thread block per row; the row stays in registers between the mean, variance and normalise
 // passes, so x and residual are read from memory once and y (and s) written once.
+// Backward (layer_norm_backward): one block per row for ds = rstd (g - mean(g) - x_hat mean(g x_hat)) (+ the
+// returned sum's gradient), g = dy * weight, with the row of s in registers and the statistics recomputed
+// as the forward computed them (each row's mean and rstd kept for the second kernel); then a column-parallel
+// kernel for dweight = sum dy x_hat and dbias = sum dy over blocks of rows, from fp32 partials (Apex's
+// split: coalesced along the columns, no atomics, the same result whatever order blocks run in).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "common.h"
 #include "op_limits.h"
@@ -130,6 +139,251 @@ void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward's first kernel: ds of one row (into dx, and into dresidual when given), and the row's
+// statistics (mean of the pivot-shifted row, rstd) for the weight / bias kernel. dy is read twice (the
+// second time from cache) so that only the row of s is held in registers, as in the forward.
+template <typename T, int VEC, int ITERS>
+__global__ void __launch_bounds__(1024, 1) layer_norm_bwd_dx_kernel(
+    const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ s, const T* __restrict__ weight,
+    T* __restrict__ dx, T* __restrict__ dresidual, float* __restrict__ row_mean, float* __restrict__ row_rstd,
+    int columns, float inv_columns, int64_t dy_row_stride, int64_t dsum_row_stride, int64_t s_row_stride, float eps) {
+  // The row of s stays in registers except at 16 vectors per thread (scalar rows over 8192 columns, 1024
+  // threads: 64 registers), where holding it spilled: there each pass reads it again (from cache).
+  constexpr bool kHoldRow = ITERS < 16;
+  constexpr int kUnroll = kHoldRow ? ITERS : 1;  // (and a rolled loop there: unrolled, it spilled all the same)
+  __shared__ float scratch[33];
+  const int64_t row = blockIdx.x;
+  const T* s_row = s + row * s_row_stride;
+  const T* dy_row = dy + row * dy_row_stride;
+  float held[kHoldRow ? ITERS : 1][VEC];
+  const float pivot = static_cast<float>(s_row[0]);
+  float mean = 0.f;
+  const auto centred = [&](int i, int col, float (&c)[VEC]) {  // s - pivot - mean of one vector
+    if constexpr (kHoldRow) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) c[j] = held[i][j] - mean;
+    } else {
+      const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s_row + col);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) c[j] = static_cast<float>(sv.v[j]) - pivot - mean;
+    }
+  };
+  float local_sum = 0.f;
+#pragma unroll kUnroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < columns) {
+      const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s_row + col);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float shifted = static_cast<float>(sv.v[j]) - pivot;
+        if constexpr (kHoldRow) held[i][j] = shifted;
+        local_sum += shifted;
+      }
+    }
+  }
+  mean = block_sum(local_sum, scratch) * inv_columns;
+  float local_squares = 0.f;
+#pragma unroll kUnroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < columns) {
+      float c[VEC];
+      centred(i, col, c);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) local_squares += c[j] * c[j];
+    }
+  }
+  const float rstd = rsqrtf(block_sum(local_squares, scratch) * inv_columns + eps);
+  const auto gradient = [&](int col, float (&g)[VEC]) {  // g = dy * weight for one vector
+    const Vec<T, VEC> dv = *reinterpret_cast<const Vec<T, VEC>*>(dy_row + col);
+    Vec<T, VEC> wv;
+    if (weight != nullptr) wv = *reinterpret_cast<const Vec<T, VEC>*>(weight + col);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) g[j] = static_cast<float>(dv.v[j]) * (weight != nullptr ? static_cast<float>(wv.v[j]) : 1.f);
+  };
+  float local_g = 0.f, local_gx = 0.f;
+#pragma unroll kUnroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < columns) {
+      float g[VEC], c[VEC];
+      gradient(col, g);
+      centred(i, col, c);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        local_g += g[j];
+        local_gx += g[j] * c[j] * rstd;
+      }
+    }
+  }
+  const float mean_g = block_sum(local_g, scratch) * inv_columns;
+  const float mean_gx = block_sum(local_gx, scratch) * inv_columns;
+#pragma unroll kUnroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int col = (i * blockDim.x + threadIdx.x) * VEC;
+    if (col < columns) {
+      float g[VEC], c[VEC];
+      gradient(col, g);
+      centred(i, col, c);
+      Vec<T, VEC> sv;
+      if (dsum != nullptr) sv = *reinterpret_cast<const Vec<T, VEC>*>(dsum + row * dsum_row_stride + col);
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float d = rstd * (g[j] - mean_g - c[j] * rstd * mean_gx);
+        if (dsum != nullptr) d += static_cast<float>(sv.v[j]);
+        out.v[j] = static_cast<T>(d);
+      }
+      *reinterpret_cast<Vec<T, VEC>*>(dx + row * columns + col) = out;
+      if (dresidual != nullptr) *reinterpret_cast<Vec<T, VEC>*>(dresidual + row * columns + col) = out;
+    }
+  }
+  if (threadIdx.x == 0) {
+    row_mean[row] = mean;
+    row_rstd[row] = rstd;
+  }
+}
+
+// The backward's second kernel, grid (row blocks, column blocks): each thread takes one VEC-wide column
+// chunk over kParamRows rows, x_hat = (s - s[row, 0] - mean) rstd recomputed, and writes its chunk's
+// partial sums of dy x_hat and dy (fp32) once.
+constexpr int kParamRows = 64;
+constexpr int kParamThreads = 256;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kParamThreads) layer_norm_bwd_params_kernel(
+    const T* __restrict__ dy, const T* __restrict__ s, const float* __restrict__ row_mean,
+    const float* __restrict__ row_rstd, float* __restrict__ weight_partial, float* __restrict__ bias_partial,
+    int64_t rows, int columns, int64_t dy_row_stride, int64_t s_row_stride) {
+  const int col = (blockIdx.y * kParamThreads + threadIdx.x) * VEC;
+  if (col >= columns) return;
+  float dw[VEC], db[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dw[j] = db[j] = 0.f;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kParamRows, last = min(first + kParamRows, rows);
+  for (int64_t row = first; row < last; ++row) {
+    const float shift = static_cast<float>(s[row * s_row_stride]), mean = row_mean[row], rstd = row_rstd[row];
+    const Vec<T, VEC> dv = *reinterpret_cast<const Vec<T, VEC>*>(dy + row * dy_row_stride + col);
+    const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s + row * s_row_stride + col);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float g = static_cast<float>(dv.v[j]);
+      dw[j] += g * ((static_cast<float>(sv.v[j]) - shift - mean) * rstd);
+      db[j] += g;
+    }
+  }
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * columns + col;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    weight_partial[at + j] = dw[j];
+    bias_partial[at + j] = db[j];
+  }
+}
+
+template <typename T, int VEC>
+void launch_layer_norm_backward(const at::Tensor& dy2, const at::Tensor& dsum2, const at::Tensor& s2,
+                                const T* weight, T* dx, T* dresidual, at::Tensor& row_mean, at::Tensor& row_rstd,
+                                at::Tensor& weight_partial, at::Tensor& bias_partial, float eps,
+                                cudaStream_t stream) {
+  const int64_t rows = s2.size(0);
+  const int columns = static_cast<int>(s2.size(1));
+  const int vectors = static_cast<int>(ceil_div(columns, VEC));
+  const int iters = vectors_per_thread(vectors);
+  const int threads = std::max(32, static_cast<int>(ceil_div(ceil_div(vectors, iters), 32) * 32));
+  const auto data = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr; };
+  auto launch = [&](auto kernel) {
+    kernel<<<rows, threads, 0, stream>>>(data(dy2), data(dsum2), data(s2), weight, dx, dresidual,
+                                         row_mean.data_ptr<float>(), row_rstd.data_ptr<float>(), columns,
+                                         1.f / columns, dy2.stride(0), dsum2.defined() ? dsum2.stride(0) : 0,
+                                         s2.stride(0), eps);
+  };
+  constexpr int kMaxIters = vectors_per_thread((kMaxColumns + VEC - 1) / VEC);
+  if (iters == 1) {
+    launch(layer_norm_bwd_dx_kernel<T, VEC, 1>);
+  } else if (iters == 2) {
+    launch(layer_norm_bwd_dx_kernel<T, VEC, 2>);
+  } else if (iters == 4) {
+    launch(layer_norm_bwd_dx_kernel<T, VEC, 4>);
+  } else if constexpr (kMaxIters >= 8) {
+    if (iters == 8) {
+      launch(layer_norm_bwd_dx_kernel<T, VEC, 8>);
+    } else {
+      launch(layer_norm_bwd_dx_kernel<T, VEC, 16>);
+    }
+  } else {
+    FUSEDGPT_CHECK(false, "layer_norm_backward", "internal: ", iters, " vectors per thread for ", columns, " columns");
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(static_cast<unsigned>(weight_partial.size(0)), static_cast<unsigned>(ceil_div(vectors, kParamThreads)));
+  layer_norm_bwd_params_kernel<T, VEC><<<grid, kParamThreads, 0, stream>>>(
+      data(dy2), data(s2), row_mean.data_ptr<float>(), row_rstd.data_ptr<float>(), weight_partial.data_ptr<float>(),
+      bias_partial.data_ptr<float>(), rows, columns, dy2.stride(0), s2.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// (dx, dresidual, dweight, dbias) of y = LN(s) * weight + bias, s the forward's normalised input (x, or the
+// x + residual it returned): dresidual equals dx (empty without a residual); dweight and dbias fp32 [C].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
+    const at::Tensor& grad, const c10::optional<at::Tensor>& grad_sum, const at::Tensor& s,
+    const c10::optional<at::Tensor>& weight, double eps, bool has_residual) {
+  const char* op = "layer_norm_backward";
+  check_dtype_in(op, s, "s");
+  check_unit_last_stride(op, s, "s");
+  const int64_t columns = s.size(-1);
+  FUSEDGPT_CHECK(columns >= 1 && columns <= kMaxColumns, op, "s's last dim (hidden size) must be in [1, ",
+                 kMaxColumns, "], got ", columns);
+  FUSEDGPT_CHECK(eps >= 0, op, "eps must be non-negative, got ", eps);
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{grad_sum ? &*grad_sum : nullptr, "grad_sum"}}) {
+    if (t == nullptr) continue;
+    FUSEDGPT_CHECK(t->sizes() == s.sizes(), op, name, " must have the shape of s (", s.sizes(), "), got ", t->sizes());
+    check_same_dtype(op, *t, name, s, "s");
+    check_same_device(op, *t, name, s, "s");
+    check_unit_last_stride(op, *t, name);
+  }
+  if (weight) {
+    FUSEDGPT_CHECK(weight->dim() == 1 && weight->size(0) == columns, op, "weight must have shape [", columns,
+                   "] (s's last dim), got ", weight->sizes());
+    check_same_dtype(op, *weight, "weight", s, "s");
+    check_same_device(op, *weight, "weight", s, "s");
+  }
+  require_cuda(op, s, "s");
+  const c10::cuda::CUDAGuard guard(s.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor s2 = s.reshape({-1, columns}), dy2 = grad.reshape({-1, columns});
+  const at::Tensor dsum2 = grad_sum ? grad_sum->reshape({-1, columns}) : at::Tensor();
+  const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  const int64_t rows = s2.size(0);
+  FUSEDGPT_CHECK(rows < (int64_t{1} << 31), op, "s has ", rows, " rows; at most 2^31 - 1 fit one launch");
+  at::Tensor dx = at::empty(s.sizes(), s.options());
+  at::Tensor dresidual = has_residual ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
+  const auto fp32 = s.options().dtype(at::kFloat);
+  at::Tensor row_mean = at::empty({rows}, fp32), row_rstd = at::empty({rows}, fp32);
+  const int64_t row_blocks = ceil_div(rows, kParamRows);
+  at::Tensor weight_partial = at::zeros({std::max<int64_t>(row_blocks, 1), columns}, fp32);
+  at::Tensor bias_partial = at::zeros({std::max<int64_t>(row_blocks, 1), columns}, fp32);
+  if (rows > 0) {
+    FUSEDGPT_DISPATCH_FLOAT_TYPES(s.scalar_type(), op, [&] {
+      constexpr int kVec = kVec16<scalar_t>;
+      bool vectorised = columns % kVec == 0 && (!w.defined() || is_aligned(w.data_ptr(), 16));
+      for (const at::Tensor* t : {&s2, &dy2, &dsum2}) {
+        vectorised = vectorised && (!t->defined() || (t->stride(0) % kVec == 0 && is_aligned(t->data_ptr(), 16)));
+      }
+      const scalar_t* w_ptr = w.defined() ? reinterpret_cast<const scalar_t*>(w.data_ptr()) : nullptr;
+      scalar_t* dx_ptr = reinterpret_cast<scalar_t*>(dx.data_ptr());
+      scalar_t* dres_ptr = has_residual ? reinterpret_cast<scalar_t*>(dresidual.data_ptr()) : nullptr;
+      if (vectorised) {
+        launch_layer_norm_backward<scalar_t, kVec>(dy2, dsum2, s2, w_ptr, dx_ptr, dres_ptr, row_mean, row_rstd,
+                                                   weight_partial, bias_partial, static_cast<float>(eps), stream);
+      } else {
+        launch_layer_norm_backward<scalar_t, 1>(dy2, dsum2, s2, w_ptr, dx_ptr, dres_ptr, row_mean, row_rstd,
+                                                weight_partial, bias_partial, static_cast<float>(eps), stream);
+      }
+    });
+  }
+  return {dx, dresidual, at::sum(weight_partial, {0}), at::sum(bias_partial, {0})};
+}
+
 // Shared by both ops. Returns (y, s); s is undefined without a residual.
 std::tuple<at::Tensor, at::Tensor> layer_norm_impl(const char* op, const at::Tensor& x,
                                                    const c10::optional<at::Tensor>& residual,
@@ -207,12 +461,14 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_cuda(const at::Tensor& x, cons
 TORCH_LIBRARY_IMPL(fusedgpt, CUDA, m) {
   m.impl("layer_norm", &layer_norm_cuda);
   m.impl("add_layer_norm", &add_layer_norm_cuda);
+  m.impl("layer_norm_backward", &layer_norm_backward_cuda);
 }
 
 // CPU calls run the same checks, then fail with a clear message (see require_cuda).
 TORCH_LIBRARY_IMPL(fusedgpt, CPU, m) {
   m.impl("layer_norm", &layer_norm_cuda);
   m.impl("add_layer_norm", &add_layer_norm_cuda);
+  m.impl("layer_norm_backward", &layer_norm_backward_cuda);
 }
 
 }  // namespace fusedgpt

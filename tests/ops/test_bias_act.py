@@ -154,6 +154,7 @@ def test_opcheck_cuda_op():
         torch.library.opcheck(torch.ops.fusedgpt.bias_act.default, (x, bias, activation))
     torch.library.opcheck(torch.ops.fusedgpt.bias_act.default,
                           (x.clone().requires_grad_(True), bias.clone().requires_grad_(True), "gelu_tanh"))
+    torch.library.opcheck(torch.ops.fusedgpt.bias_act_backward.default, (torch.randn_like(x), x, bias, "gelu"))
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

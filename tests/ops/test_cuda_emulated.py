@@ -287,6 +287,52 @@ def test_layer_norm_hidden_sizes(emulated, dtype, with_residual):
         _layer_norm(emulated, *layer_norm_inputs(shape, dtype, "cpu", with_residual=with_residual))
 
 
+
+def _layer_norm_gradients(function, inputs, grads):
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    out = function(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grads[:len(outs)])
+    return [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+def _layer_norm_backward(emulated, x, weight, bias, residual, eps=1e-5):
+    """The CUDA backward from the forward's s (x, or the x + residual the emulated forward returns)
+    against float64 autograd of the reference by the tolerance rule: dx (= dresidual), dweight, dbias."""
+    grads = [torch.randn_like(x) for _ in range(2)]
+    s = x if residual is None else emulated.add_layer_norm(x, residual, weight, bias, eps)[1]
+    grad_sum = grads[1] if residual is not None else None
+    dx, dresidual, dweight, dbias = emulated.layer_norm_backward(grads[0], grad_sum, s, weight, eps,
+                                                                 residual is not None)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    expected = _layer_norm_gradients(lambda x, w, b, r: layer_norm_reference(x, w, b, eps, r),
+                                     [as64(t) for t in (x, weight, bias, residual)], [g.double() for g in grads])
+    baseline = _layer_norm_gradients(lambda x, w, b, r: layer_norm_baseline(x, w, b, eps, r),
+                                     (x, weight, bias, residual), grads)
+    assert dx.is_contiguous() and dx.dtype == x.dtype and dweight.dtype == torch.float32
+    assert_within_tolerance(dx, expected[0], baseline[0], f"emulated layer_norm dx {tuple(x.shape)}")
+    if residual is not None:
+        assert torch.equal(dresidual, dx)
+    else:
+        assert dresidual.numel() == 0
+    for got, e, base, name in ((dweight, expected[1], baseline[1], "dweight"), (dbias, expected[2], baseline[2], "dbias")):
+        if e is not None:
+            assert_within_tolerance(got.to(x.dtype), e, base, f"emulated layer_norm {name} {tuple(x.shape)}")
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_backward(emulated, dtype, with_residual):
+    """More rows than one block of 64 (the weight / bias partials), the hidden sizes of every vectors-per-
+    thread instantiation, the scalar path at 16 vectors per thread (its row read again in each pass)."""
+    for shape in [(1, 768), (70, 1600), (2, 3, 1001), (4, 1), (2, 16384)]:
+        _layer_norm_backward(emulated, *layer_norm_inputs(shape, dtype, "cpu", with_residual=with_residual))
+    x, weight, bias, residual = layer_norm_inputs((3, 9001), dtype, "cpu", with_residual=with_residual)
+    _layer_norm_backward(emulated, x, None, bias, residual)  # 9001 scalar columns: 16 per thread
+    _layer_norm_backward(emulated, x, weight, None, residual)
+    with pytest.raises(RuntimeError, match="grad must have the shape of s"):
+        emulated.layer_norm_backward(x[:, :5], None, x, None, 1e-5, False)
+
 def test_layer_norm_optional_affine_strided_rows_and_large_mean(emulated):
     x, weight, bias, residual = layer_norm_inputs((5, 1600), torch.float16, "cpu")
     _layer_norm(emulated, x, None, None, residual)
@@ -310,6 +356,44 @@ def test_bias_act(emulated, dtype, activation):
     assert_within_tolerance(y, bias_act_reference(wide.double(), None, activation),
                             bias_act_baseline(wide, None, activation), "emulated strided rows")
 
+
+
+def _bias_act_gradients(function, x, bias, grad):
+    x = x.detach().requires_grad_(True)
+    bias = bias.detach().requires_grad_(True) if bias is not None else None
+    function(x, bias).backward(grad)
+    return x.grad, bias.grad if bias is not None else None
+
+
+@pytest.mark.parametrize("dtype", ALL_TYPES)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_bias_act_backward(emulated, dtype, activation):
+    """The CUDA backward (dx and dbias from per-block partials) against float64 autograd of the
+    reference by the tolerance rule: more rows than one block of 32, odd and vector widths, strided rows
+    (the scalar path), no bias."""
+    for rows, columns in [(1, 1), (70, 3072), (33, 1000), (3, 7), (5, 8200)]:
+        x, bias = torch.randn(rows, columns, dtype=dtype) * 3, torch.randn(columns, dtype=dtype)
+        grad = torch.randn(rows, columns, dtype=dtype)
+        for b in (bias, None):
+            dx, dbias = emulated.bias_act_backward(grad, x, b, activation)
+            expected = _bias_act_gradients(lambda x, b: bias_act_reference(x, b, activation), x.double(),
+                                           None if b is None else b.double(), grad.double())
+            baseline = _bias_act_gradients(lambda x, b: bias_act_baseline(x, b, activation), x, b, grad)
+            assert dx.is_contiguous() and dx.dtype == dtype
+            assert_within_tolerance(dx, expected[0], baseline[0], f"emulated {activation} dx {rows}x{columns}")
+            if b is None:
+                assert dbias.numel() == 0
+            else:
+                assert_within_tolerance(dbias, expected[1], baseline[1], f"emulated {activation} dbias")
+    wide = torch.randn(40, 3000, dtype=dtype)[:, 5:2053]  # strided, misaligned rows
+    grad = torch.randn(40, 2048, dtype=dtype)
+    dx, _ = emulated.bias_act_backward(grad, wide, None, activation)
+    expected = _bias_act_gradients(lambda x, b: bias_act_reference(x, b, activation), wide.double(), None,
+                                   grad.double())
+    baseline = _bias_act_gradients(lambda x, b: bias_act_baseline(x, b, activation), wide, None, grad)
+    assert_within_tolerance(dx, expected[0], baseline[0], "emulated strided rows dx")
+    with pytest.raises(RuntimeError, match="grad must have the shape of x"):
+        emulated.bias_act_backward(grad[:, :5], wide, None, activation)
 
 @pytest.mark.parametrize("dtype", ALL_TYPES)
 @pytest.mark.parametrize("dim,layout", [(64, "bshd"), (64, "bhsd"), (5, "bshd")])

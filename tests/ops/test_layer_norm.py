@@ -203,6 +203,8 @@ def test_opcheck_cuda_ops():
     grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
     torch.library.opcheck(torch.ops.fusedgpt.add_layer_norm.default,
                           (grad(x), grad(residual), grad(weight), grad(bias), 1e-5))
+    torch.library.opcheck(torch.ops.fusedgpt.layer_norm_backward.default,
+                          (torch.randn_like(x), torch.randn_like(x), x, weight, 1e-5, True))
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

@@ -3,10 +3,10 @@
 Contract (CONVENTIONS.md): `bias_act_reference` is the specification; `bias_act` validates, follows
 `bias_act_backend` (the one decision of which backend serves a call) and runs it; the activations are
 fusedgpt.ops._limits.ACTIVATIONS. GPU paths: fusedgpt::bias_act (csrc/bias_act/bias_act.cu) and
-fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations and
-one backward (torch.library.register_autograd): fusedgpt::bias_act_backward_triton, dx and dbias in one
-pass (triton_kernels/bias_act.py), itself without a backward (double backward is an error). The torch
-backend trains through torch's own autograd.
+fusedgpt::bias_act_triton (triton_kernels/bias_act.py), both custom ops with fake implementations, each
+with its backend's backward (torch.library.register_autograd): fusedgpt::bias_act_backward (CUDA) and
+fusedgpt::bias_act_backward_triton, dx and dbias in one pass, themselves without a backward (double
+backward is an error). The torch backend trains through torch's own autograd.
 """
 
 from __future__ import annotations
@@ -87,19 +87,24 @@ def _bias_act_setup_context(ctx, inputs, output):
     ctx.activation = activation
 
 
-def _bias_act_backward(ctx, grad):
-    x, bias = ctx.saved_tensors
-    if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernel reads rows of unit stride
-        grad = grad.contiguous()
-    dx, dbias = _bias_act_backward_triton(grad, x, bias, ctx.activation)
-    return dx, dbias if bias is not None else None, None
+def _backward_with(backward_op):
+    def backward(ctx, grad):
+        x, bias = ctx.saved_tensors
+        if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernels read rows of unit stride
+            grad = grad.contiguous()
+        dx, dbias = backward_op(grad, x, bias, ctx.activation)
+        return dx, dbias if bias is not None else None, None
+    return backward
 
 
-# The CUDA and Triton forwards share the Triton backward (the CUDA extension has no backward kernel yet).
-_bias_act_triton.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
-if extension_available():
-    torch.library.register_autograd("fusedgpt::bias_act", _bias_act_backward, setup_context=_bias_act_setup_context)
-_TRAINABLE = ("cuda", "triton", "torch")
+# Each forward has its backend's backward: Triton's, and the CUDA extension's fusedgpt::bias_act_backward.
+_bias_act_triton.register_autograd(_backward_with(_bias_act_backward_triton), setup_context=_bias_act_setup_context)
+_CUDA_BACKWARD_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "bias_act_backward")
+if _CUDA_BACKWARD_BUILT:
+    torch.library.register_fake("fusedgpt::bias_act_backward")(_bias_act_backward_fake)
+    torch.library.register_autograd("fusedgpt::bias_act", _backward_with(torch.ops.fusedgpt.bias_act_backward),
+                                    setup_context=_bias_act_setup_context)
+_TRAINABLE = ("cuda", "triton", "torch") if _CUDA_BACKWARD_BUILT or not extension_available() else ("triton", "torch")
 
 
 def _check(x, bias, activation) -> None:
@@ -132,8 +137,8 @@ def bias_act(x: Tensor, bias: Tensor | None, activation: str, *, backend: str | 
 
     x: [..., N], float16 / bfloat16 / float32 (float64 on the torch backend), last dim contiguous.
     bias: [N] in x's dtype, or None. activation: "gelu_tanh" (GPT-2 / GPT-Neo), "gelu" (erf) or "relu"
-    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Every backend trains: the
-    kernels' backward is one Triton pass (dx and dbias), the torch backend's is torch's own.
+    (OPT). Returns a contiguous tensor like x. Math in fp32 on every backend. Every backend trains: each
+    kernel's backward is one pass of its own (dx and dbias), the torch backend's is torch's own.
     bias_act_backend(...) says which backend a call gets, and why."""
     _check(x, bias, activation)
     chosen = _decide(x, bias, backend, explain=False).backend

@@ -6,9 +6,10 @@ it; the hidden-size limit is fusedgpt.ops._limits.MAX_COLUMNS. The GPU paths are
 ops with fake implementations:
     fusedgpt::layer_norm, fusedgpt::add_layer_norm                  (csrc/layer_norm/layer_norm.cu)
     fusedgpt::layer_norm_triton, fusedgpt::add_layer_norm_triton    (triton_kernels/layer_norm.py)
-All four share one backward (torch.library.register_autograd): fusedgpt::layer_norm_backward_triton, dx
-(= dresidual), dweight and dbias in one pass (triton_kernels/layer_norm.py), itself without a backward
-(double backward is an error). The torch backend trains through torch's own autograd.
+Each backend's two forwards have its backward (torch.library.register_autograd): fusedgpt::layer_norm_backward
+(CUDA: a row kernel and a column kernel) and fusedgpt::layer_norm_backward_triton (one pass), both dx
+(= dresidual), dweight and dbias, themselves without a backward (double backward is an error). The torch
+backend trains through torch's own autograd.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def _unit_last_stride(grad: Tensor | None) -> Tensor | None:
     return grad.contiguous() if grad is not None and grad.stride(-1) != 1 else grad
 
 
-def _layer_norm_grads(ctx, grad, grad_sum, has_residual):
+def _layer_norm_grads(backward_op, ctx, grad, grad_sum, has_residual):
     s, weight, bias = ctx.saved_tensors
-    dx, dresidual, dweight, dbias = _layer_norm_backward_triton(_unit_last_stride(grad), _unit_last_stride(grad_sum),
-                                                                s, weight, ctx.eps, has_residual)
+    dx, dresidual, dweight, dbias = backward_op(_unit_last_stride(grad), _unit_last_stride(grad_sum), s, weight,
+                                                ctx.eps, has_residual)
     dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[-3] else None
     dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[-2] else None
     return dx, (dresidual if has_residual else None), dweight, dbias
@@ -121,31 +122,34 @@ def _layer_norm_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _layer_norm_backward(ctx, grad):
-    dx, _, dweight, dbias = _layer_norm_grads(ctx, grad, None, False)
-    return dx, dweight, dbias, None
-
-
 def _add_layer_norm_setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps = inputs
     ctx.save_for_backward(output[1], weight, bias)  # s = x + residual, as the forward stored it
     ctx.eps = eps
 
 
-def _add_layer_norm_backward(ctx, grad, grad_sum):
-    dx, dresidual, dweight, dbias = _layer_norm_grads(ctx, grad, grad_sum, True)
-    return dx, dresidual, dweight, dbias, None
+def _register_backward(plain, with_residual, backward_op) -> None:
+    """The autograd formulas of one backend's two forwards (the op names or custom-op objects), on its
+    backward op (the same schema for both backends)."""
+    def plain_backward(ctx, grad):
+        dx, _, dweight, dbias = _layer_norm_grads(backward_op, ctx, grad, None, False)
+        return dx, dweight, dbias, None
+
+    def residual_backward(ctx, grad, grad_sum):
+        dx, dresidual, dweight, dbias = _layer_norm_grads(backward_op, ctx, grad, grad_sum, True)
+        return dx, dresidual, dweight, dbias, None
+
+    torch.library.register_autograd(plain, plain_backward, setup_context=_layer_norm_setup_context)
+    torch.library.register_autograd(with_residual, residual_backward, setup_context=_add_layer_norm_setup_context)
 
 
-# The CUDA and Triton forwards share the Triton backward (the CUDA extension has no backward kernel yet).
-_layer_norm_triton.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
-_add_layer_norm_triton.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
-if extension_available():
-    torch.library.register_autograd("fusedgpt::layer_norm", _layer_norm_backward,
-                                    setup_context=_layer_norm_setup_context)
-    torch.library.register_autograd("fusedgpt::add_layer_norm", _add_layer_norm_backward,
-                                    setup_context=_add_layer_norm_setup_context)
-_TRAINABLE = ("cuda", "triton", "torch")
+# Each backend's forwards get its backward: Triton's, and the CUDA extension's fusedgpt::layer_norm_backward.
+_register_backward(_layer_norm_triton, _add_layer_norm_triton, _layer_norm_backward_triton)
+_CUDA_BACKWARD_BUILT = extension_available() and hasattr(torch.ops.fusedgpt, "layer_norm_backward")
+if _CUDA_BACKWARD_BUILT:
+    torch.library.register_fake("fusedgpt::layer_norm_backward")(_layer_norm_backward_fake)
+    _register_backward("fusedgpt::layer_norm", "fusedgpt::add_layer_norm", torch.ops.fusedgpt.layer_norm_backward)
+_TRAINABLE = ("cuda", "triton", "torch") if _CUDA_BACKWARD_BUILT or not extension_available() else ("triton", "torch")
 
 
 def _check(x, weight, bias, eps, residual) -> None:
@@ -193,8 +197,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     1 <= C <= 16384. residual: like x (same shape, dtype, device). weight, bias: [C] in x's dtype, or None.
     Returns y = LN(x), or (y, s) with s = x + residual and y = LN(s): the add+norm of a pre-LN block in one
     pass over memory. Outputs are contiguous, in x's dtype; statistics are fp32 on every backend.
-    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend); every one trains: the kernels'
-    backward is one Triton pass (dx = dresidual, dweight, dbias), the torch backend's is torch's own.
+    Backends: "cuda", "triton", "torch" (see fusedgpt.ops._backend); every one trains: each kernel has a
+    backward of its own (dx = dresidual, dweight, dbias), the torch backend's is torch's own.
     layer_norm_backend(...) says which backend a call gets, and why.
     """
     _check(x, weight, bias, eps, residual)
