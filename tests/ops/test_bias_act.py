@@ -190,6 +190,22 @@ def test_linear_act_is_a_drop_in_linear():
         fusedgpt.nn.LinearAct(4, 4, activation="tanh")
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_act_trains_like_linear_then_activation(backend, monkeypatch):
+    """The drop-in module's parameters get torch.nn's gradients (the op's backward on each backend)."""
+    skip_unsupported(backend, "cpu", torch.float32)
+    monkeypatch.setenv("FUSEDGPT_BACKEND", backend)
+    reference = torch.nn.Linear(48, 96)
+    fused = fusedgpt.nn.LinearAct(48, 96, activation="gelu_tanh")
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 48)
+    fused(x).square().sum().backward()
+    torch.nn.functional.gelu(reference(x), approximate="tanh").square().sum().backward()
+    for name, parameter in fused.named_parameters():
+        torch.testing.assert_close(parameter.grad, dict(reference.named_parameters())[name].grad, rtol=1e-4,
+                                   atol=1e-5)
+
 def test_linear_act_under_autocast_casts_its_bias():
     fused = fusedgpt.nn.LinearAct(64, 32, activation="relu")
     x = torch.randn(3, 64)

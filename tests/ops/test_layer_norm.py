@@ -253,6 +253,30 @@ def test_drop_in_module_matches_torch_layer_norm():
         fusedgpt.nn.LayerNorm((4, 64))
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_drop_in_module_trains_like_torch_layer_norm(backend, monkeypatch):
+    """The drop-in module's parameters and input get torch.nn.LayerNorm's gradients, with the residual."""
+    skip_unsupported(backend, "cpu", torch.float32)
+    monkeypatch.setenv("FUSEDGPT_BACKEND", backend)
+    reference = torch.nn.LayerNorm(96)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fused = fusedgpt.nn.LayerNorm(96)
+    fused.load_state_dict(reference.state_dict())
+    x, residual = torch.randn(7, 96, requires_grad=True), torch.randn(7, 96, requires_grad=True)
+    y, s = fused(x, residual)
+    (y.square().sum() + s.sum()).backward()
+    x2, residual2 = x.detach().requires_grad_(True), residual.detach().requires_grad_(True)
+    total = x2 + residual2
+    (reference(total).square().sum() + total.sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(residual.grad, residual2.grad, rtol=1e-4, atol=1e-5)
+    for name, parameter in fused.named_parameters():
+        torch.testing.assert_close(parameter.grad, dict(reference.named_parameters())[name].grad, rtol=1e-4,
+                                   atol=1e-4)
+
 def test_drop_in_module_under_autocast_casts_its_parameters():
     fused = fusedgpt.nn.LayerNorm(64)
     x = torch.randn(3, 64, dtype=torch.bfloat16)

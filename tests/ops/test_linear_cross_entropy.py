@@ -121,3 +121,20 @@ def test_opcheck(device):
         torch.library.opcheck(op.default, (hidden, weight, bias, labels, -100, False))
         torch.library.opcheck(op.default, (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True),
                                            None, labels, -100, True))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_traces_forward_and_backward(backend, device):
+    skip_unsupported(backend, device, torch.float32)
+    hidden, weight, bias, labels = _inputs(12, 16, 50, torch.float32, device)
+
+    def head_loss(h, w):
+        return linear_cross_entropy(h * 2, w, labels, bias, backend=backend)
+
+    compiled = torch.compile(head_loss, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    compiled(*leaves).backward()
+    eager = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    head_loss(*eager).backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)
