@@ -70,3 +70,24 @@ def expected_after_append(cache, new, positions):
 def assert_equal_with_nan(actual, expected):
     assert torch.equal(actual.isnan(), expected.isnan()), "written slots differ (NaN poison pattern)"
     assert torch.equal(torch.nan_to_num(actual), torch.nan_to_num(expected)), "written values differ"
+
+
+def largest_tensor_created(function) -> int:
+    """The most elements of any tensor an op creates while function() runs (recorded at the dispatcher,
+    so forward and backward alike): how the tests show a kernel never holds an S x S or [tokens, vocab]
+    intermediate."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return result
+
+    with Largest():
+        function()
+    return Largest.numel

@@ -51,7 +51,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _tile_scores(q, k, IEEE: tl.constexpr):
-    """q (M, D) . k (D, N) in fp32; exact (no tf32) for fp32 inputs."""
+    """q (M, D) . k (D, N) in fp32; exact (no tf32) for fp32 inputs. (Every product of the backward too.)"""
     if IEEE:
         return tl.dot(q, k, input_precision="ieee")
     return tl.dot(q, k)
@@ -258,13 +258,6 @@ def _probabilities(q, k, lse, visible, scale_log2, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # [B, S, H, D], unit stride on D
     LSE, DELTA,  # [B * H, Sq] fp32: the forward's log2-sum-exp2; rowsum(dO * O)
@@ -322,10 +315,10 @@ def _attention_bwd_dkdv_kernel(
         delta = tl.load(DELTA + row_base + offs_m, mask=row_mask, other=0.0)
         visible = _visible(offs_m, offs_n, q_len, kv_len, start, window, IS_CAUSAL, HAS_WINDOW)
         p = _probabilities(q, k, lse, visible, scale_log2, IEEE)  # (M, N)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)  # (M, N)
+        dv += _tile_scores(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _tile_scores(do, tl.trans(v), IEEE)  # (M, N)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        dk += _tile_scores(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * scale
     out_offsets = b * kv_len * heads * HEAD_DIM + h * HEAD_DIM + offs_n[:, None] * (heads * HEAD_DIM) + offs_d[None, :]
     tl.store(DK + out_offsets, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -386,9 +379,9 @@ def _attention_bwd_dq_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         visible = _visible(offs_m, offs_n, q_len, kv_len, start, window, IS_CAUSAL, HAS_WINDOW)
         p = _probabilities(q, k, lse, visible, scale_log2, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
+        dp = _tile_scores(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq += _tile_scores(ds.to(k.dtype), k, IEEE)
     dq = dq * scale
     tl.store(DQ + b * q_len * heads * HEAD_DIM + h * HEAD_DIM + offs_m[:, None] * (heads * HEAD_DIM) + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)

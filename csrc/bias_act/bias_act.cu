@@ -161,18 +161,22 @@ Activation parse_activation(const std::string& name) {
   return Activation::kRelu;
 }
 
+// bias: [N] (x's last dim) in x's dtype, on its device, or absent.
+void check_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t columns, const at::Tensor& x) {
+  if (!bias) return;
+  FUSEDGPT_CHECK(bias->dim() == 1 && bias->size(0) == columns, op, "bias must have shape [", columns,
+                 "] (x's last dim), got ", bias->sizes());
+  check_same_dtype(op, *bias, "bias", x, "x");
+  check_same_device(op, *bias, "bias", x, "x");
+}
+
 at::Tensor bias_act_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& bias, c10::string_view activation) {
   const char* op = "bias_act";
   const Activation act = parse_activation(std::string(activation));
   check_dtype_in(op, x, "x");
   check_unit_last_stride(op, x, "x");
   const int64_t columns = x.size(-1);
-  if (bias) {
-    FUSEDGPT_CHECK(bias->dim() == 1 && bias->size(0) == columns, op, "bias must have shape [", columns,
-                   "] (x's last dim), got ", bias->sizes());
-    check_same_dtype(op, *bias, "bias", x, "x");
-    check_same_device(op, *bias, "bias", x, "x");
-  }
+  check_bias(op, bias, columns, x);
   require_cuda(op, x, "x");
   if (x.numel() == 0) return at::empty(x.sizes(), x.options());  // (x.reshape({-1, 0}) would throw)
   FUSEDGPT_CHECK(columns < (int64_t{1} << 30), op, "x's last dim must be below 2^30, got ", columns);
@@ -218,12 +222,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(const at::Tensor& grad
   check_unit_last_stride(op, x, "x");
   check_unit_last_stride(op, grad, "grad");
   const int64_t columns = x.size(-1);
-  if (bias) {
-    FUSEDGPT_CHECK(bias->dim() == 1 && bias->size(0) == columns, op, "bias must have shape [", columns,
-                   "] (x's last dim), got ", bias->sizes());
-    check_same_dtype(op, *bias, "bias", x, "x");
-    check_same_device(op, *bias, "bias", x, "x");
-  }
+  check_bias(op, bias, columns, x);
   require_cuda(op, x, "x");
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) {

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common.h"
 #include "op_limits.h"
@@ -105,6 +106,29 @@ constexpr int vectors_per_thread(int64_t vectors) {
   return iters;
 }
 
+// Calls run(std::integral_constant<int, ITERS>) for the vectors per thread a launch needs, instantiating
+// only those this VEC can reach (the widest rows, kMaxColumns, need kMaxIters): the others would be
+// compiled for nothing, and the widest of them spill. Shared by the forward and the backward's row kernel.
+template <int VEC, typename Run>
+void with_iters(const char* op, int iters, int columns, Run&& run) {
+  constexpr int kMaxIters = vectors_per_thread((kMaxColumns + VEC - 1) / VEC);
+  if (iters == 1) {
+    run(std::integral_constant<int, 1>{});
+  } else if (iters == 2) {
+    run(std::integral_constant<int, 2>{});
+  } else if (iters == 4) {
+    run(std::integral_constant<int, 4>{});
+  } else if constexpr (kMaxIters >= 8) {
+    if (iters == 8) {
+      run(std::integral_constant<int, 8>{});
+    } else {
+      run(std::integral_constant<int, 16>{});
+    }
+  } else {
+    FUSEDGPT_CHECK(false, op, "internal: ", iters, " vectors per thread for ", columns, " columns");
+  }
+}
+
 template <typename T, int VEC>
 void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual_row_stride, const T* weight,
                        const T* bias, T* y, T* sum_out, float eps, cudaStream_t stream) {
@@ -118,24 +142,9 @@ void launch_layer_norm(const at::Tensor& x2, const T* residual, int64_t residual
     kernel<<<rows, threads, 0, stream>>>(x, residual, weight, bias, y, sum_out, columns, 1.f / columns,
                                          x2.stride(0), residual_row_stride, eps);
   };
-  // Only the instantiations this VEC can reach (the widest rows, kMaxColumns, need kMaxIters): the others
-  // would be compiled for nothing, and the widest of them spill.
-  constexpr int kMaxIters = vectors_per_thread((kMaxColumns + VEC - 1) / VEC);
-  if (iters == 1) {
-    launch(layer_norm_fwd_kernel<T, VEC, 1>);
-  } else if (iters == 2) {
-    launch(layer_norm_fwd_kernel<T, VEC, 2>);
-  } else if (iters == 4) {
-    launch(layer_norm_fwd_kernel<T, VEC, 4>);
-  } else if constexpr (kMaxIters >= 8) {
-    if (iters == 8) {
-      launch(layer_norm_fwd_kernel<T, VEC, 8>);
-    } else {
-      launch(layer_norm_fwd_kernel<T, VEC, 16>);
-    }
-  } else {
-    FUSEDGPT_CHECK(false, "layer_norm", "internal: ", iters, " vectors per thread for ", columns, " columns");
-  }
+  with_iters<VEC>("layer_norm", iters, columns, [&](auto iters_tag) {
+    launch(layer_norm_fwd_kernel<T, VEC, decltype(iters_tag)::value>);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -298,22 +307,9 @@ void launch_layer_norm_backward(const at::Tensor& dy2, const at::Tensor& dsum2, 
                                          1.f / columns, dy2.stride(0), dsum2.defined() ? dsum2.stride(0) : 0,
                                          s2.stride(0), eps);
   };
-  constexpr int kMaxIters = vectors_per_thread((kMaxColumns + VEC - 1) / VEC);
-  if (iters == 1) {
-    launch(layer_norm_bwd_dx_kernel<T, VEC, 1>);
-  } else if (iters == 2) {
-    launch(layer_norm_bwd_dx_kernel<T, VEC, 2>);
-  } else if (iters == 4) {
-    launch(layer_norm_bwd_dx_kernel<T, VEC, 4>);
-  } else if constexpr (kMaxIters >= 8) {
-    if (iters == 8) {
-      launch(layer_norm_bwd_dx_kernel<T, VEC, 8>);
-    } else {
-      launch(layer_norm_bwd_dx_kernel<T, VEC, 16>);
-    }
-  } else {
-    FUSEDGPT_CHECK(false, "layer_norm_backward", "internal: ", iters, " vectors per thread for ", columns, " columns");
-  }
+  with_iters<VEC>("layer_norm_backward", iters, columns, [&](auto iters_tag) {
+    launch(layer_norm_bwd_dx_kernel<T, VEC, decltype(iters_tag)::value>);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 grid(static_cast<unsigned>(weight_partial.size(0)), static_cast<unsigned>(ceil_div(vectors, kParamThreads)));
   layer_norm_bwd_params_kernel<T, VEC><<<grid, kParamThreads, 0, stream>>>(

@@ -4,7 +4,8 @@ torch.compile. The Triton kernel runs under the interpreter on the CPU (small sh
 
 import pytest
 import torch
-from utils import ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, poison_allocator, skip_unsupported
+from utils import (ALL_BACKENDS, DEVICES, DTYPES, assert_within_tolerance, largest_tensor_created, poison_allocator,
+                   skip_unsupported)
 
 from fusedgpt.ops import attention, attention_backend, attention_reference
 from fusedgpt.ops.attention import visible_keys
@@ -260,25 +261,12 @@ def test_backward_matches_float64_autograd(backend, device, dtype):
 def test_backward_allocates_nothing_of_size_s_squared(backend, device):
     """Every tensor the forward and backward create (recorded at the dispatcher) is O(S * D): none holds
     B * H * Sq * Sk elements, as the reference's score matrix does."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return result
-
     skip_unsupported(backend, device, torch.float32)
     batch, seq, heads, dim = 1, 96, 2, 16
     q, k, v = (t.requires_grad_(True) for t in _qkv(batch, seq, seq, heads, dim, torch.float32, device))
-    with Largest():
-        attention(q, k, v, backend=backend).sum().backward()
-    assert q.grad is not None and 0 < Largest.numel < batch * heads * seq * seq
-    assert Largest.numel <= 4 * batch * seq * heads * dim  # O(S * D) (delta's fp32 product is the largest)
+    largest = largest_tensor_created(lambda: attention(q, k, v, backend=backend).sum().backward())
+    assert q.grad is not None and 0 < largest < batch * heads * seq * seq
+    assert largest <= 4 * batch * seq * heads * dim  # O(S * D) (delta's fp32 product is the largest)
 
 
 @pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)

@@ -4,8 +4,7 @@ the memory it never takes, bad input, opcheck."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from utils import CPU_BACKENDS, DEVICES, GPU_BACKENDS, assert_within_tolerance, skip_unsupported
+from utils import CPU_BACKENDS, DEVICES, GPU_BACKENDS, assert_within_tolerance, largest_tensor_created, skip_unsupported
 
 from fusedgpt.ops import linear_cross_entropy, linear_cross_entropy_backend, linear_cross_entropy_reference
 
@@ -78,24 +77,14 @@ def test_ignored_and_out_of_range_labels(backend, device):
 def test_never_holds_the_logits(backend, device):
     """Every tensor created during forward and backward (recorded at the dispatcher) is a small fraction
     of the [tokens, vocab] logits an unfused head holds (twice: logits and their gradient)."""
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return result
-
     skip_unsupported(backend, device, torch.float32)
     rows, width, vocab = 256, 16, 2000
     hidden, weight, bias, labels = _inputs(rows, width, vocab, torch.float32, device)
     hidden.requires_grad_(True), weight.requires_grad_(True)
-    with Largest():
-        linear_cross_entropy(hidden, weight, labels, bias, backend=backend).backward()
+    largest = largest_tensor_created(
+        lambda: linear_cross_entropy(hidden, weight, labels, bias, backend=backend).backward())
     assert hidden.grad is not None and weight.grad is not None
-    assert Largest.numel <= max(vocab * width, rows * width) < rows * vocab // 4
+    assert largest <= max(vocab * width, rows * width) < rows * vocab // 4
 
 
 @pytest.mark.parametrize("call,error,match", [
